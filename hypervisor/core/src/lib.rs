@@ -7,7 +7,11 @@
 #![no_std]
 #![warn(missing_docs)]
 
+extern crate alloc;
 #[cfg(test)]
+#[macro_use]
 extern crate std;
 
 pub mod addr;
+pub mod bootargs;
+pub mod frames;

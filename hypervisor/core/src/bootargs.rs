@@ -1,0 +1,282 @@
+//! The hypervisor command line (`/chosen/bootargs`, QEMU `-append`).
+//!
+//! Space-separated `key=value` options (a bare `key` means `key=`). Parsing
+//! never fails as a whole: an unknown option or a malformed value is
+//! reported as a [`BootargError`] naming it, and the default is kept.
+//!
+//! | option | meaning | default |
+//! |---|---|---|
+//! | `log=off\|error\|warn\|info\|debug\|trace` | console log level | `info` |
+//! | `guest=ADDR+SIZE` | guest image loaded by QEMU's generic loader | none (no VM) |
+//! | `guest_mem=SIZE` | guest RAM size (`K`/`M`/`G` suffixes, hex ok) | `256M` |
+//! | `guest_cpus=N` | vCPUs (0 = one per physical CPU) | `0` |
+//! | `af=auto\|hw\|sw` | stage-2 Access Flag: hardware if present, forced hardware, forced software | `auto` |
+//! | `fault=el2\|panic` | test only: trigger an EL2 data abort or a panic after boot | none |
+//! | `guest.KEY=VALUE` | passed to the guest's own `/chosen/bootargs` as `KEY=VALUE` | |
+
+use crate::addr::{PhysAddr, PhysRange};
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use log::LevelFilter;
+
+/// A deliberately triggered failure, to test the fatal paths.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FaultInjection {
+    /// A data abort taken at EL2 (access to an unmapped address).
+    El2DataAbort,
+    /// A Rust panic.
+    Panic,
+}
+
+/// Who maintains the stage-2 Access Flag.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum AfPolicy {
+    /// Hardware AF when `ID_AA64MMFR1_EL1.HAFDBS >= 1`, else software.
+    Auto,
+    /// Hardware AF; falls back to software (with a warning) if absent.
+    Hardware,
+    /// Software AF through Access-flag faults even if hardware could do it.
+    Software,
+}
+
+/// The typed hypervisor configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootConfig {
+    /// Console log level.
+    pub log_level: LevelFilter,
+    /// Where QEMU's loader put the guest image, if any.
+    pub guest_image: Option<PhysRange>,
+    /// Guest RAM size in bytes.
+    pub guest_mem: u64,
+    /// Number of vCPUs; 0 means one per physical CPU.
+    pub guest_cpus: u32,
+    /// Access Flag policy.
+    pub af: AfPolicy,
+    /// Test-only fault injection.
+    pub fault: Option<FaultInjection>,
+    /// The guest's command line, assembled from `guest.KEY=VALUE` options.
+    pub guest_bootargs: String,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        Self {
+            log_level: LevelFilter::Info,
+            guest_image: None,
+            guest_mem: 256 << 20,
+            guest_cpus: 0,
+            af: AfPolicy::Auto,
+            fault: None,
+            guest_bootargs: String::new(),
+        }
+    }
+}
+
+/// A problem with one option; the option is ignored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BootargError {
+    /// The key is not known.
+    Unknown {
+        /// The option as written.
+        key: String,
+    },
+    /// The key is known but its value is not valid.
+    Malformed {
+        /// The option's key.
+        key: String,
+        /// The value as written.
+        value: String,
+        /// What was expected.
+        expected: &'static str,
+    },
+}
+
+impl fmt::Display for BootargError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unknown { key } => write!(f, "bootargs: unknown option `{key}` ignored"),
+            Self::Malformed {
+                key,
+                value,
+                expected,
+            } => write!(
+                f,
+                "bootargs: bad value `{value}` for `{key}` (expected {expected}), ignored"
+            ),
+        }
+    }
+}
+
+/// Parses a number: decimal, or hex with `0x`; no suffix.
+pub fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) if !hex.is_empty() => u64::from_str_radix(hex, 16).ok(),
+        Some(_) => None,
+        None => s.parse().ok(),
+    }
+}
+
+/// Parses a size: a number with an optional `K`, `M` or `G` suffix
+/// (binary units), rejecting overflow.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n = parse_u64(digits)?;
+    n.checked_mul(1u64 << shift)
+}
+
+fn parse_range(s: &str) -> Option<PhysRange> {
+    let (start, size) = s.split_once('+')?;
+    let start = parse_u64(start)?;
+    let size = parse_size(size)?;
+    if size == 0 || start.checked_add(size).is_none() {
+        return None;
+    }
+    Some(PhysRange::new(PhysAddr(start), size))
+}
+
+fn parse_level(s: &str) -> Option<LevelFilter> {
+    Some(match s {
+        "off" => LevelFilter::Off,
+        "error" => LevelFilter::Error,
+        "warn" => LevelFilter::Warn,
+        "info" => LevelFilter::Info,
+        "debug" => LevelFilter::Debug,
+        "trace" => LevelFilter::Trace,
+        _ => return None,
+    })
+}
+
+impl BootConfig {
+    /// Parses a command line. Returns the configuration and every problem
+    /// found, in order; problems never stop the parse.
+    pub fn parse(cmdline: &str) -> (Self, Vec<BootargError>) {
+        let mut cfg = Self::default();
+        let mut errors = Vec::new();
+        let mut guest_args: Vec<&str> = Vec::new();
+        for token in cmdline.split_ascii_whitespace() {
+            let (key, value) = token.split_once('=').unwrap_or((token, ""));
+            let bad = |expected| BootargError::Malformed {
+                key: key.into(),
+                value: value.into(),
+                expected,
+            };
+            let result = match key {
+                "log" => parse_level(value)
+                    .map(|l| cfg.log_level = l)
+                    .ok_or_else(|| bad("off|error|warn|info|debug|trace")),
+                "guest" => parse_range(value)
+                    .map(|r| cfg.guest_image = Some(r))
+                    .ok_or_else(|| bad("ADDR+SIZE, non-empty, no overflow")),
+                "guest_mem" => parse_size(value)
+                    .filter(|&s| s > 0 && s % (2 << 20) == 0)
+                    .map(|s| cfg.guest_mem = s)
+                    .ok_or_else(|| bad("a non-zero multiple of 2M")),
+                "guest_cpus" => value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&n| n <= 64)
+                    .map(|n| cfg.guest_cpus = n)
+                    .ok_or_else(|| bad("0..=64")),
+                "af" => match value {
+                    "auto" => Ok(cfg.af = AfPolicy::Auto),
+                    "hw" => Ok(cfg.af = AfPolicy::Hardware),
+                    "sw" => Ok(cfg.af = AfPolicy::Software),
+                    _ => Err(bad("auto|hw|sw")),
+                },
+                "fault" => match value {
+                    "el2" => Ok(cfg.fault = Some(FaultInjection::El2DataAbort)),
+                    "panic" => Ok(cfg.fault = Some(FaultInjection::Panic)),
+                    _ => Err(bad("el2|panic")),
+                },
+                _ => match key.strip_prefix("guest.") {
+                    Some(k) if !k.is_empty() => {
+                        guest_args.push(&token["guest.".len()..]);
+                        Ok(())
+                    }
+                    _ => Err(BootargError::Unknown { key: key.into() }),
+                },
+            };
+            if let Err(e) = result {
+                errors.push(e);
+            }
+        }
+        cfg.guest_bootargs = guest_args.join(" ");
+        (cfg, errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::string::ToString;
+
+    #[test]
+    fn defaults_when_empty() {
+        let (cfg, errs) = BootConfig::parse("");
+        assert_eq!(cfg, BootConfig::default());
+        assert!(errs.is_empty());
+    }
+
+    #[test]
+    fn every_option() {
+        let (cfg, errs) = BootConfig::parse(
+            "log=debug guest=0x48000000+0x20000 guest_mem=1G guest_cpus=2 af=sw fault=el2 \
+             guest.mode=test guest.touch=64M",
+        );
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(cfg.log_level, LevelFilter::Debug);
+        assert_eq!(
+            cfg.guest_image,
+            Some(PhysRange::new(PhysAddr(0x4800_0000), 0x20000))
+        );
+        assert_eq!(cfg.guest_mem, 1 << 30);
+        assert_eq!(cfg.guest_cpus, 2);
+        assert_eq!(cfg.af, AfPolicy::Software);
+        assert_eq!(cfg.fault, Some(FaultInjection::El2DataAbort));
+        assert_eq!(cfg.guest_bootargs, "mode=test touch=64M");
+    }
+
+    #[test]
+    fn unknown_and_malformed_are_named_and_ignored() {
+        let (cfg, errs) = BootConfig::parse("bogus log=loud guest_mem=3M guest=0x1000+0 af");
+        assert_eq!(cfg.log_level, LevelFilter::Info);
+        assert_eq!(cfg.guest_mem, 256 << 20);
+        assert_eq!(cfg.guest_image, None);
+        let msgs: Vec<_> = errs.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 5, "{msgs:?}");
+        assert!(msgs[0].contains("unknown option `bogus`"));
+        assert!(msgs[1].contains("`loud` for `log`"));
+        assert!(msgs[2].contains("`guest_mem`"));
+        assert!(msgs[3].contains("`guest`"));
+        assert!(msgs[4].contains("`af`"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("0x1000"), Some(0x1000));
+        assert_eq!(parse_size("4K"), Some(4096));
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("0x"), None);
+        assert_eq!(parse_size("99999999999999999999G"), None);
+        assert_eq!(parse_size("17179869184G"), None, "overflow rejected");
+    }
+
+    proptest! {
+        /// Whatever the input, parsing terminates without panicking and
+        /// every token that is not a valid option yields exactly one error.
+        #[test]
+        fn never_panics(s in "[ -~]{0,80}") {
+            let (_, errs) = BootConfig::parse(&s);
+            prop_assert!(errs.len() <= s.split_ascii_whitespace().count());
+        }
+    }
+}
