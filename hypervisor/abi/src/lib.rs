@@ -195,7 +195,11 @@ mod tests {
 
     #[test]
     fn error_codes_round_trip() {
-        for e in [HypError::NotSupported, HypError::NotRequired, HypError::InvalidParameter] {
+        for e in [
+            HypError::NotSupported,
+            HypError::NotRequired,
+            HypError::InvalidParameter,
+        ] {
             assert_eq!(HypError::check(e.code() as u64), Err(e));
         }
         assert_eq!(HypError::check(7), Ok(7));

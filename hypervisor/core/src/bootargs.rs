@@ -184,16 +184,20 @@ impl BootConfig {
                     .map(|n| cfg.guest_cpus = n)
                     .ok_or_else(|| bad("0..=64")),
                 "af" => match value {
-                    "auto" => Ok(cfg.af = AfPolicy::Auto),
-                    "hw" => Ok(cfg.af = AfPolicy::Hardware),
-                    "sw" => Ok(cfg.af = AfPolicy::Software),
-                    _ => Err(bad("auto|hw|sw")),
-                },
+                    "auto" => Some(AfPolicy::Auto),
+                    "hw" => Some(AfPolicy::Hardware),
+                    "sw" => Some(AfPolicy::Software),
+                    _ => None,
+                }
+                .map(|p| cfg.af = p)
+                .ok_or_else(|| bad("auto|hw|sw")),
                 "fault" => match value {
-                    "el2" => Ok(cfg.fault = Some(FaultInjection::El2DataAbort)),
-                    "panic" => Ok(cfg.fault = Some(FaultInjection::Panic)),
-                    _ => Err(bad("el2|panic")),
-                },
+                    "el2" => Some(FaultInjection::El2DataAbort),
+                    "panic" => Some(FaultInjection::Panic),
+                    _ => None,
+                }
+                .map(|f| cfg.fault = Some(f))
+                .ok_or_else(|| bad("el2|panic")),
                 _ => match key.strip_prefix("guest.") {
                     Some(k) if !k.is_empty() => {
                         guest_args.push(&token["guest.".len()..]);

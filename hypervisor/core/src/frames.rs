@@ -154,11 +154,11 @@ mod tests {
     fn subtracts_image_dtb_and_modules() {
         let ram = [r(0x4000_0000, 0x1000_0000)];
         let reserved = [
-            r(0x4000_0000, 0x1_0800),     // DTB, not page sized
-            r(0x4020_0000, 0x10_0000),    // image
-            r(0x4800_0123, 0x2000),       // module, unaligned
-            r(0x3000_0000, 0x100),        // outside RAM: no effect
-            r(0x4fff_f000, 0x10_0000),    // straddles the end
+            r(0x4000_0000, 0x1_0800),  // DTB, not page sized
+            r(0x4020_0000, 0x10_0000), // image
+            r(0x4800_0123, 0x2000),    // module, unaligned
+            r(0x3000_0000, 0x100),     // outside RAM: no effect
+            r(0x4fff_f000, 0x10_0000), // straddles the end
         ];
         let free = free_ranges(&ram, &reserved);
         assert_eq!(

@@ -26,6 +26,8 @@ _start:
     stp     xzr, xzr, [x0], #16
     b       1b
 2:  mov     x0, x19
+    mov     x29, xzr            // end of the frame chain for debuggers
+    mov     x30, xzr
     bl      {primary_main}
     b       {halt}
 
@@ -40,5 +42,7 @@ _secondary_start:
     mov     x2, #{stack_size}
     madd    x1, x0, x2, x1
     add     sp, x1, x2
+    mov     x29, xzr
+    mov     x30, xzr
     bl      {secondary_main}
     b       {halt}

@@ -89,7 +89,7 @@ pub unsafe fn use_pl011(base: PhysAddr) {
 /// other CPUs.
 pub fn line(args: fmt::Arguments<'_>) {
     let mut sink = CONSOLE.lock();
-    let _ = write!(sink, "[cpu{}] {}\n", cpu_index(), args);
+    let _ = writeln!(sink, "[cpu{}] {}", cpu_index(), args);
 }
 
 /// Writes a line even if the console lock is held (by a CPU that faulted
@@ -97,7 +97,7 @@ pub fn line(args: fmt::Arguments<'_>) {
 pub fn emergency_line(args: fmt::Arguments<'_>) {
     for _ in 0..10_000_000 {
         if let Some(mut sink) = CONSOLE.try_lock() {
-            let _ = write!(sink, "[cpu{}] {}\n", cpu_index(), args);
+            let _ = writeln!(sink, "[cpu{}] {}", cpu_index(), args);
             return;
         }
         core::hint::spin_loop();
@@ -108,7 +108,7 @@ pub fn emergency_line(args: fmt::Arguments<'_>) {
     // report would.
     unsafe { CONSOLE.force_unlock() };
     let mut sink = CONSOLE.lock();
-    let _ = write!(sink, "[cpu{}] {}\n", cpu_index(), args);
+    let _ = writeln!(sink, "[cpu{}] {}", cpu_index(), args);
 }
 
 /// `println!` over the console: one whole line per call.

@@ -1,6 +1,6 @@
 //! What the CPU can do, from its ID registers.
 
-use aarch64_cpu::registers::{Readable, CurrentEL, ID_AA64MMFR0_EL1, ID_AA64MMFR1_EL1};
+use aarch64_cpu::registers::{CurrentEL, Readable, ID_AA64MMFR0_EL1, ID_AA64MMFR1_EL1};
 
 /// Features the hypervisor cares about.
 #[derive(Copy, Clone, Debug)]

@@ -83,7 +83,9 @@ pub extern "C" fn primary_main(dtb_arg: u64) -> ! {
 
     match config.fault {
         Some(FaultInjection::El2DataAbort) => trigger_el2_fault(),
-        Some(FaultInjection::Panic) => panic!("fault injection requested by bootargs (fault=panic)"),
+        Some(FaultInjection::Panic) => {
+            panic!("fault injection requested by bootargs (fault=panic)")
+        }
         None => {}
     }
 

@@ -10,7 +10,9 @@
 use crate::boot::{self, __image_end, __image_start, __rodata_end, __text_end};
 use crate::platform::Platform;
 use aarch64_cpu::asm::barrier;
-use aarch64_cpu::registers::{Readable, Writeable, ReadWriteable, MAIR_EL2, SCTLR_EL2, TCR_EL2, TTBR0_EL2};
+use aarch64_cpu::registers::{
+    ReadWriteable, Readable, Writeable, MAIR_EL2, SCTLR_EL2, TCR_EL2, TTBR0_EL2,
+};
 use aarch64_paging::descriptor::El23Attributes;
 use aarch64_paging::idmap::IdMap;
 use aarch64_paging::paging::{El2, MemoryRegion};
@@ -68,7 +70,9 @@ pub fn init_frames(platform: &Platform, modules: &[PhysRange]) -> u64 {
 }
 
 fn frames() -> &'static Mutex<FrameAllocator> {
-    FRAMES.get().expect("frame allocator used before init_frames")
+    FRAMES
+        .get()
+        .expect("frame allocator used before init_frames")
 }
 
 /// One zeroed frame.
@@ -200,7 +204,10 @@ pub fn enable_mmu_this_cpu() {
     barrier::dsb(barrier::ISH);
     barrier::isb(barrier::SY);
     SCTLR_EL2.modify(
-        SCTLR_EL2::M::Enable + SCTLR_EL2::C::Cacheable + SCTLR_EL2::I::Cacheable + SCTLR_EL2::WXN::Enable,
+        SCTLR_EL2::M::Enable
+            + SCTLR_EL2::C::Cacheable
+            + SCTLR_EL2::I::Cacheable
+            + SCTLR_EL2::WXN::Enable,
     );
     barrier::isb(barrier::SY);
 }

@@ -76,7 +76,10 @@ impl fmt::Display for PlatformError {
     }
 }
 
-fn first_reg(node: &fdt::node::FdtNode<'_, '_>, name: &'static str) -> Result<PhysRange, PlatformError> {
+fn first_reg(
+    node: &fdt::node::FdtNode<'_, '_>,
+    name: &'static str,
+) -> Result<PhysRange, PlatformError> {
     let bad = PlatformError::BadProperty {
         node: name,
         property: "reg",
@@ -134,14 +137,21 @@ impl Platform {
         let uart_node = has_chosen
             .then(|| fdt.chosen().stdout())
             .flatten()
-            .filter(|n| n.compatible().is_some_and(|c| c.all().any(|s| s == "arm,pl011")))
+            .filter(|n| {
+                n.compatible()
+                    .is_some_and(|c| c.all().any(|s| s == "arm,pl011"))
+            })
             .or_else(|| fdt.find_compatible(&["arm,pl011"]))
-            .ok_or(PlatformError::MissingNode("pl011 uart (compatible \"arm,pl011\")"))?;
+            .ok_or(PlatformError::MissingNode(
+                "pl011 uart (compatible \"arm,pl011\")",
+            ))?;
         let uart = first_reg(&uart_node, "pl011")?;
 
         let gic_node = fdt
             .find_compatible(&["arm,gic-v3", "arm,cortex-a15-gic", "arm,gic-400"])
-            .ok_or(PlatformError::MissingNode("interrupt controller (arm,gic-v3/cortex-a15-gic)"))?;
+            .ok_or(PlatformError::MissingNode(
+                "interrupt controller (arm,gic-v3/cortex-a15-gic)",
+            ))?;
         let gic = first_reg(&gic_node, "gic")?;
 
         if fdt.find_node("/cpus").is_none() {

@@ -93,7 +93,10 @@ pub fn park() -> ! {
 pub extern "C" fn halt_after_return() -> ! {
     fatal(
         EXIT_PANIC,
-        format_args!("hyp: entry point returned on cpu{}", crate::boot::cpu_index()),
+        format_args!(
+            "hyp: entry point returned on cpu{}",
+            crate::boot::cpu_index()
+        ),
     )
 }
 

@@ -22,7 +22,11 @@ pub fn start_secondaries(platform: &Platform, timeout_ms: u64) -> usize {
     let mut expected = 1;
     for (index, cpu) in platform.cpus.iter().enumerate().skip(1) {
         if index >= crate::boot::MAX_CPUS {
-            error!("cpu{index} (mpidr {:#x}) ignored: more than {} CPUs", cpu.mpidr, crate::boot::MAX_CPUS);
+            error!(
+                "cpu{index} (mpidr {:#x}) ignored: more than {} CPUs",
+                cpu.mpidr,
+                crate::boot::MAX_CPUS
+            );
             continue;
         }
         match cpu_on(platform.psci, cpu.mpidr, entry, index as u64) {

@@ -1,0 +1,213 @@
+//! The guest command line (`/chosen/bootargs`).
+//!
+//! Space-separated `key=value` words:
+//!
+//! | key     | values                 | default | meaning                                   |
+//! |---------|------------------------|---------|-------------------------------------------|
+//! | `mode`  | `demo`, `test`         | `demo`  | what the kernel does after boot           |
+//! | `touch` | a size (`64M`, `4096`) | `0`     | demo: bytes of fresh RAM to touch         |
+//! | `fault` | `outside`              | none    | demo: access an IPA outside RAM/devices   |
+//! | `log`   | `info`, `debug`, `trace` | `info` | log verbosity                           |
+//!
+//! Sizes are decimal or `0x` hexadecimal with an optional binary suffix
+//! `K`, `M` or `G` (case-insensitive). Unknown keys (and words without
+//! `=`) are collected in [`Cmdline::unknown`] so the caller can warn about
+//! them by name; a known key with a bad value is an error.
+//!
+//! This module is portable: it is compiled and unit-tested on the host
+//! (`cargo test -p guest`).
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+
+/// What the kernel does once it has booted.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Print the hello line, optionally touch memory or fault, power off.
+    #[default]
+    Demo,
+    /// Run the on-target test suite and exit with its verdict.
+    Test,
+}
+
+/// A deliberate fault the demo can provoke.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Read an IPA that is neither RAM nor a device.
+    Outside,
+}
+
+/// Log verbosity requested with `log=`.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Verbosity {
+    /// Info and above (the default).
+    #[default]
+    Info,
+    /// Debug and above.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+/// The parsed command line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cmdline {
+    /// `mode=`.
+    pub mode: Mode,
+    /// `touch=`, in bytes.
+    pub touch_bytes: u64,
+    /// `fault=`.
+    pub fault: Option<Fault>,
+    /// `log=`.
+    pub verbosity: Verbosity,
+    /// Words whose key is not known, in order of appearance.
+    pub unknown: Vec<String>,
+}
+
+/// A known key with a value it does not accept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CmdlineError {
+    /// `mode=` is neither `demo` nor `test`.
+    BadMode(String),
+    /// `touch=` is not a size.
+    BadSize {
+        /// The key.
+        key: &'static str,
+        /// The offending value.
+        value: String,
+    },
+    /// `fault=` is not `outside`.
+    BadFault(String),
+    /// `log=` is not a known level.
+    BadVerbosity(String),
+}
+
+impl fmt::Display for CmdlineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadMode(v) => write!(f, "mode={v}: expected `demo` or `test`"),
+            Self::BadSize { key, value } => {
+                write!(f, "{key}={value}: expected a size such as 4096, 0x1000, 64K, 64M or 1G")
+            }
+            Self::BadFault(v) => write!(f, "fault={v}: expected `outside`"),
+            Self::BadVerbosity(v) => write!(f, "log={v}: expected `info`, `debug` or `trace`"),
+        }
+    }
+}
+
+/// Parses a command line.
+pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
+    let mut cmdline = Cmdline::default();
+    for word in line.split_ascii_whitespace() {
+        let Some((key, value)) = word.split_once('=') else {
+            cmdline.unknown.push(word.to_string());
+            continue;
+        };
+        match key {
+            "mode" => {
+                cmdline.mode = match value {
+                    "demo" => Mode::Demo,
+                    "test" => Mode::Test,
+                    _ => return Err(CmdlineError::BadMode(value.to_string())),
+                }
+            }
+            "touch" => {
+                cmdline.touch_bytes = parse_size(value).ok_or_else(|| CmdlineError::BadSize {
+                    key: "touch",
+                    value: value.to_string(),
+                })?
+            }
+            "fault" => {
+                cmdline.fault = match value {
+                    "outside" => Some(Fault::Outside),
+                    _ => return Err(CmdlineError::BadFault(value.to_string())),
+                }
+            }
+            "log" => {
+                cmdline.verbosity = match value {
+                    "info" => Verbosity::Info,
+                    "debug" => Verbosity::Debug,
+                    "trace" => Verbosity::Trace,
+                    _ => return Err(CmdlineError::BadVerbosity(value.to_string())),
+                }
+            }
+            _ => cmdline.unknown.push(key.to_string()),
+        }
+    }
+    Ok(cmdline)
+}
+
+/// Parses `4096`, `0x1000`, `64K`, `64M`, `1G` (suffixes are powers of
+/// 1024, case-insensitive). `None` on syntax error or overflow.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let value = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+        None => digits.parse::<u64>().ok()?,
+    };
+    value.checked_mul(1u64 << shift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_line_gives_defaults() {
+        assert_eq!(parse(""), Ok(Cmdline::default()));
+        assert_eq!(parse("   ").unwrap().mode, Mode::Demo);
+    }
+
+    #[test]
+    fn all_keys() {
+        let c = parse("mode=test touch=64M fault=outside log=debug").unwrap();
+        assert_eq!(c.mode, Mode::Test);
+        assert_eq!(c.touch_bytes, 64 << 20);
+        assert_eq!(c.fault, Some(Fault::Outside));
+        assert_eq!(c.verbosity, Verbosity::Debug);
+        assert!(c.unknown.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_collected_by_name() {
+        let c = parse("console=ttyAMA0 mode=demo quiet foo=bar=baz").unwrap();
+        assert_eq!(c.unknown, ["console", "quiet", "foo"]);
+        assert_eq!(c.mode, Mode::Demo);
+    }
+
+    #[test]
+    fn last_value_wins() {
+        assert_eq!(parse("mode=test mode=demo").unwrap().mode, Mode::Demo);
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        assert_eq!(parse("mode=fast"), Err(CmdlineError::BadMode("fast".into())));
+        assert_eq!(parse("fault=inside"), Err(CmdlineError::BadFault("inside".into())));
+        assert_eq!(parse("log=loud"), Err(CmdlineError::BadVerbosity("loud".into())));
+        assert!(matches!(parse("touch=lots"), Err(CmdlineError::BadSize { key: "touch", .. })));
+        assert!(matches!(parse("touch="), Err(CmdlineError::BadSize { .. })));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Some(0));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("0x1000"), Some(4096));
+        assert_eq!(parse_size("8k"), Some(8192));
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("0x10M"), Some(16 << 20));
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("M"), None);
+        assert_eq!(parse_size("-1"), None);
+        assert_eq!(parse_size("1T"), None);
+        assert_eq!(parse_size("17179869184G"), None);
+    }
+}
