@@ -136,8 +136,8 @@ _start:
     stp     xzr, xzr, [x1], #16
     b       1b
 2:
-    adrp    x1, {vectors}
-    add     x1, x1, :lo12:{vectors}
+    adrp    x1, guest_exception_vectors
+    add     x1, x1, :lo12:guest_exception_vectors
     msr     vbar_el1, x1
     isb
 
@@ -182,8 +182,8 @@ secondary_entry:
     lsl     x2, x2, #{secondary_stack_shift}
     add     sp, x1, x2
 
-    adrp    x1, {vectors}
-    add     x1, x1, :lo12:{vectors}
+    adrp    x1, guest_exception_vectors
+    add     x1, x1, :lo12:guest_exception_vectors
     msr     vbar_el1, x1
     isb
 
@@ -194,7 +194,6 @@ secondary_entry:
     cpacr_fpen = const CPACR_EL1::FPEN::TrapNothing.value,
     boot_stack = sym BOOT_STACK,
     boot_stack_size = const BOOT_STACK_SIZE,
-    vectors = sym crate::exceptions::guest_exception_vectors,
     kernel_main = sym crate::kernel_main,
     mmu_state = sym SECONDARY_MMU_STATE,
     off_mair = const offset_of!(SecondaryMmuState, mair),

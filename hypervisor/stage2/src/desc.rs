@@ -336,7 +336,13 @@ mod tests {
 
     #[test]
     fn page_encodings() {
-        let page = |pa, attrs| DescView::Page { pa: PhysAddr(pa), attrs }.encode();
+        let page = |pa, attrs| {
+            DescView::Page {
+                pa: PhysAddr(pa),
+                attrs,
+            }
+            .encode()
+        };
         assert_eq!(page(0x4000_1000, RW_NORMAL_AF), 0x0040_0000_4000_17ff);
         let rwx = S2Attrs::leaf(Perms::RWX, MemType::Normal, true);
         assert_eq!(page(0x4000_1000, rwx), 0x0000_0000_4000_17ff);
@@ -387,7 +393,10 @@ mod tests {
             assert_eq!(DescView::decode(0, level), DescView::Invalid);
             assert_eq!(DescView::decode(LOCKED, level), DescView::Locked);
             // Any value with bit 0 clear is invalid, whatever else is set.
-            assert_eq!(DescView::decode(0x0040_0000_4000_17fe, level), DescView::Invalid);
+            assert_eq!(
+                DescView::decode(0x0040_0000_4000_17fe, level),
+                DescView::Invalid
+            );
         }
     }
 
@@ -405,8 +414,14 @@ mod tests {
         let block = DescView::decode(0x0040_0000_4020_07fd, 2);
         assert_eq!(block.encode(), 0x0040_0000_4020_07fd);
         // A block at level 0 and bit 1 clear at level 3 are faults.
-        assert_eq!(DescView::decode(0x0000_0080_0000_07fd, 0), DescView::Invalid);
-        assert_eq!(DescView::decode(0x0040_0000_4000_17fd, 3), DescView::Invalid);
+        assert_eq!(
+            DescView::decode(0x0000_0080_0000_07fd, 0),
+            DescView::Invalid
+        );
+        assert_eq!(
+            DescView::decode(0x0040_0000_4000_17fd, 3),
+            DescView::Invalid
+        );
         // The same bits at level 1/2 are a block, at 0..=2 with bit 1 a table.
         assert!(matches!(
             DescView::decode(0x0040_0000_4000_17fd, 1),
@@ -446,6 +461,9 @@ mod tests {
         assert_eq!(d.compare_exchange(0, LOCKED), Ok(0));
         assert_eq!(d.compare_exchange(0, 1), Err(LOCKED));
         d.store(0x0040_0000_4000_17ff);
-        assert_eq!(d.view(3).leaf_parts().map(|(pa, _)| pa), Some(PhysAddr(0x4000_1000)));
+        assert_eq!(
+            d.view(3).leaf_parts().map(|(pa, _)| pa),
+            Some(PhysAddr(0x4000_1000))
+        );
     }
 }

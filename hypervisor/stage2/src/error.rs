@@ -82,14 +82,20 @@ impl fmt::Display for MapError {
                 write!(f, "IPA range {ipa}+{size:#x} is outside the IPA space")
             }
             Self::PhysOutOfRange { pa, size } => {
-                write!(f, "physical range {pa}+{size:#x} is outside the 48-bit output range")
+                write!(
+                    f,
+                    "physical range {pa}+{size:#x} is outside the 48-bit output range"
+                )
             }
             Self::ExecutableDevice(ipa) => {
                 write!(f, "device memory at IPA {ipa} cannot be executable")
             }
             Self::NoMemory => f.write_str("out of stage-2 table pages"),
             Self::Busy { ipa, level } => {
-                write!(f, "level-{level} entry at IPA {ipa} is busy (concurrent writer)")
+                write!(
+                    f,
+                    "level-{level} entry at IPA {ipa} is busy (concurrent writer)"
+                )
             }
         }
     }

@@ -21,7 +21,9 @@
 use bitflags::bitflags;
 use hyp_core::addr::{Ipa, PhysAddr};
 
-use crate::desc::{level_shift, level_size, DescView, Descriptor, LEAF_LEVEL, PA_LIMIT, START_LEVEL};
+use crate::desc::{
+    level_shift, level_size, DescView, Descriptor, LEAF_LEVEL, PA_LIMIT, START_LEVEL,
+};
 use crate::mm::{table_entries, TableAlloc};
 
 bitflags! {
@@ -124,7 +126,13 @@ impl<M: TableAlloc + ?Sized, V: Visitor + ?Sized> Walk<'_, '_, M, V> {
     /// # Safety
     ///
     /// As for [`walk`], for `pa`.
-    unsafe fn table(&mut self, pa: PhysAddr, level: u8, start: u64, end: u64) -> Result<(), V::Error> {
+    unsafe fn table(
+        &mut self,
+        pa: PhysAddr,
+        level: u8,
+        start: u64,
+        end: u64,
+    ) -> Result<(), V::Error> {
         // SAFETY: `pa` is reachable and stays valid (caller).
         let entries = unsafe { table_entries(self.mm, pa) };
         let size = level_size(level);

@@ -1,0 +1,153 @@
+//! Client of our vendor hypervisor service (SMCCC owner 6, over HVC).
+//!
+//! Typed wrappers of the calls `hyp_abi` defines; every answer is decoded
+//! with [`hyp_abi::HypError::check`], so a negative `x0` becomes a
+//! [`CallError`] naming the call.
+
+use core::fmt;
+
+use hyp_abi::{func, AfMode, HypError};
+use smccc::{Call, Hvc};
+
+/// The vendor calls, for error messages.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum VendorCall {
+    /// `CALL_UID`.
+    CallUid,
+    /// `REVISION`.
+    Revision,
+    /// `FEATURES`.
+    Features,
+    /// `STATS`.
+    Stats,
+    /// `EXIT`.
+    Exit,
+}
+
+impl fmt::Display for VendorCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::CallUid => "CALL_UID",
+            Self::Revision => "REVISION",
+            Self::Features => "FEATURES",
+            Self::Stats => "STATS",
+            Self::Exit => "EXIT",
+        })
+    }
+}
+
+/// A vendor call that failed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// The hypervisor answered with an error code.
+    Hyp {
+        /// The call.
+        call: VendorCall,
+        /// Its answer.
+        error: HypError,
+    },
+    /// `EXIT` returned (it never does when it works).
+    ExitReturned {
+        /// What it returned in `x0`.
+        x0: u64,
+    },
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Hyp { call, error } => write!(f, "{call}: {error}"),
+            Self::ExitReturned { x0 } => write!(f, "EXIT returned x0={:#x}", x0),
+        }
+    }
+}
+
+/// Makes an HVC64 call with up to 17 arguments; returns `x0..x3`.
+pub fn call64(function: u32, args: &[u64]) -> [u64; 4] {
+    let mut all = [0u64; 17];
+    all[..args.len()].copy_from_slice(args);
+    let r = Hvc::call64(function, all);
+    [r[0], r[1], r[2], r[3]]
+}
+
+/// Makes an HVC32 call without arguments; returns `w0..w3`.
+pub fn call32(function: u32) -> [u32; 4] {
+    let r = Hvc::call32(function, [0; 7]);
+    [r[0], r[1], r[2], r[3]]
+}
+
+fn check(call: VendorCall, x0: u64) -> Result<u64, CallError> {
+    HypError::check(x0).map_err(|error| CallError::Hyp { call, error })
+}
+
+/// `CALL_UID`: the service UUID as four words (`w0..w3`).
+pub fn call_uid() -> Result<[u32; 4], CallError> {
+    let w = call32(func::CALL_UID);
+    // An SMC32 error code is a negative 32-bit value in w0.
+    check(VendorCall::CallUid, i64::from(w[0] as i32) as u64)?;
+    Ok(w)
+}
+
+/// `REVISION`: (major, minor).
+pub fn revision() -> Result<(u32, u32), CallError> {
+    let w = call32(func::REVISION);
+    check(VendorCall::Revision, i64::from(w[0] as i32) as u64)?;
+    Ok((w[0], w[1]))
+}
+
+/// The answer of `FEATURES`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// Bitmap of supported calls ([`hyp_abi::feature`]).
+    pub calls: u64,
+    /// How the stage-2 Access Flag is maintained, if `x1` is a known mode.
+    pub af_mode: Option<AfMode>,
+}
+
+impl Features {
+    /// Whether every call in the `hyp_abi::feature` mask `bits` exists.
+    pub fn has(&self, bits: u64) -> bool {
+        self.calls & bits == bits
+    }
+}
+
+/// `FEATURES`.
+pub fn features() -> Result<Features, CallError> {
+    let r = call64(func::FEATURES, &[]);
+    let calls = check(VendorCall::Features, r[0])?;
+    Ok(Features {
+        calls,
+        af_mode: AfMode::from_u64(r[1]),
+    })
+}
+
+/// The answer of `STATS`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Guest frames currently mapped in stage 2.
+    pub frames_mapped: u64,
+    /// Stage-2 translation faults served.
+    pub translation_faults: u64,
+    /// Access-flag faults served.
+    pub access_flag_faults: u64,
+}
+
+/// `STATS`.
+pub fn stats() -> Result<Stats, CallError> {
+    let r = call64(func::STATS, &[]);
+    check(VendorCall::Stats, r[0])?;
+    Ok(Stats {
+        frames_mapped: r[1],
+        translation_faults: r[2],
+        access_flag_faults: r[3],
+    })
+}
+
+/// `EXIT(code)`: ends the machine. Returns only when it failed.
+pub fn exit(code: u8) -> CallError {
+    let r = call64(func::EXIT, &[u64::from(code)]);
+    match check(VendorCall::Exit, r[0]) {
+        Ok(x0) => CallError::ExitReturned { x0 },
+        Err(error) => error,
+    }
+}

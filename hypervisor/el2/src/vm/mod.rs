@@ -1,0 +1,393 @@
+//! The virtual machine: one guest at EL1 under stage 2, its vCPUs pinned
+//! 1:1 to physical CPUs.
+//!
+//! - Guest RAM is `[RAM_BASE, RAM_BASE + guest_mem)` in IPA space. The
+//!   image and the DTB are mapped eagerly; every other page is backed by a
+//!   zeroed frame at its first stage-2 translation fault.
+//! - Entries are installed with the Access Flag clear; the CPU sets it
+//!   (`VTCR_EL2.HA`, hardware AF) or the hypervisor does on Access-flag
+//!   faults (software AF), as [`AfMode`] says.
+//! - A vCPU's EL1 system registers live in the physical CPU's registers: a
+//!   physical CPU only ever runs its own vCPU, so nothing but the general,
+//!   FP/SIMD and return state (`GuestContext`) is switched on an exit.
+//!
+//! Exits are handled in [`exits`]; PSCI and the vendor service in [`smccc`].
+
+mod exits;
+mod guest_dtb;
+mod hw;
+mod mmio;
+mod smccc;
+
+use crate::cpu::CpuFeatures;
+use crate::exceptions::{enter_guest, GuestContext};
+use crate::memory;
+use crate::platform::Platform;
+use crate::power;
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use hyp_abi::{layout, AfMode};
+use hyp_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
+use hyp_core::bootargs::{AfPolicy, BootConfig};
+use log::{info, warn};
+use spin::{Mutex, Once};
+use stage2::{MapFlags, MemType, Perms, Stage2};
+
+/// QEMU exit status when the VM hit something it cannot continue from.
+pub const EXIT_VM_ERROR: u8 = 103;
+
+/// The VM's VMID.
+const VMID: u16 = 1;
+/// PSTATE a vCPU starts in: EL1h, D/A/I/F masked.
+const SPSR_EL1H_MASKED: u64 = 0x3c5;
+
+/// The stage-2 table type of the VM.
+pub type GuestStage2 = Stage2<hw::FrameTables, hw::VmidTlb>;
+
+/// Power state of a vCPU (PSCI view).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum PowerState {
+    Off = 0,
+    /// A CPU_ON is being written (entry point not yet published).
+    Claimed = 1,
+    /// CPU_ON published: the physical CPU will start it.
+    Pending = 2,
+    On = 3,
+}
+
+impl PowerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Claimed,
+            2 => Self::Pending,
+            3 => Self::On,
+            _ => Self::Off,
+        }
+    }
+}
+
+/// One vCPU, pinned to the physical CPU of the same index.
+#[derive(Debug)]
+struct Vcpu {
+    /// The MPIDR the guest sees (that of the physical CPU).
+    mpidr: u64,
+    /// [`PowerState`]; transitions are CASes (see [`Vm::cpu_on`]).
+    state: AtomicU8,
+    /// Entry point and context id of a pending CPU_ON (published by the
+    /// Release store of `Pending`, read after an Acquire load of it).
+    entry: AtomicU64,
+    context_id: AtomicU64,
+    /// Console line being assembled.
+    console: Mutex<mmio::ConsoleLine>,
+}
+
+/// Counters of the VM (Relaxed: statistics only).
+#[derive(Debug, Default)]
+struct VmStats {
+    mapped_frames: AtomicU64,
+    stage2_faults: AtomicU64,
+    af_faults: AtomicU64,
+    injected_aborts: AtomicU64,
+}
+
+/// The guest.
+pub struct Vm {
+    stage2: GuestStage2,
+    regs: hw::Stage2Regs,
+    ram_size: u64,
+    af_mode: AfMode,
+    vcpus: Vec<Vcpu>,
+    stats: VmStats,
+    /// Serialises the check-then-map of demand paging so two vCPUs faulting
+    /// on the same page map one frame, not two.
+    fault_lock: Mutex<()>,
+}
+
+impl fmt::Debug for Vm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vm")
+            .field("ram_size", &self.ram_size)
+            .field("af_mode", &self.af_mode)
+            .field("vcpus", &self.vcpus.len())
+            .finish()
+    }
+}
+
+static VM: Once<Vm> = Once::new();
+
+/// Why the VM could not be created.
+#[derive(Debug)]
+pub enum VmError {
+    /// Guest RAM does not fit in the free frames.
+    RamTooSmall {
+        /// Frames the configuration needs.
+        needed: u64,
+        /// Frames free.
+        free: u64,
+    },
+    /// The guest image is not where the bootargs say, or does not fit.
+    BadImage(&'static str),
+    /// Stage 2 could not be created or filled.
+    Stage2(alloc::string::String),
+    /// The guest DTB could not be written.
+    Dtb(vm_fdt::Error),
+}
+
+impl fmt::Display for VmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::RamTooSmall { needed, free } => write!(
+                f,
+                "RAM too small for the configuration: guest_mem needs {needed} frames (+ tables), {free} free"
+            ),
+            Self::BadImage(why) => write!(f, "guest image: {why}"),
+            Self::Stage2(e) => write!(f, "stage 2: {e}"),
+            Self::Dtb(e) => write!(f, "guest DTB: {e:?}"),
+        }
+    }
+}
+
+fn stage2_err(e: impl fmt::Display) -> VmError {
+    VmError::Stage2(alloc::format!("{e}"))
+}
+
+impl Vm {
+    fn create(platform: &Platform, config: &BootConfig, features: &CpuFeatures) -> Result<Self, VmError> {
+        let image = config.guest_image.ok_or(VmError::BadImage("no guest=ADDR+SIZE bootarg"))?;
+        if !platform.ram.iter().any(|r| r.contains(image.start) && r.contains(PhysAddr(image.end().as_u64() - 1))) {
+            return Err(VmError::BadImage("not inside RAM"));
+        }
+        if image.overlaps(&memory::image_range()) || image.overlaps(&platform.dtb) {
+            return Err(VmError::BadImage("overlaps the hypervisor or its DTB"));
+        }
+        let ram_size = config.guest_mem;
+        if image.size > ram_size - layout::DTB_MAX_SIZE {
+            return Err(VmError::BadImage("larger than guest RAM"));
+        }
+        let needed = ram_size / PAGE_SIZE;
+        let (free, _) = memory::frame_counts();
+        // Leave room for the stage-2 tables of a fully touched guest (~1/500)
+        // and some slack for the hypervisor.
+        if needed + needed / 256 + 256 > free {
+            return Err(VmError::RamTooSmall { needed, free });
+        }
+
+        let hw_af = match config.af {
+            AfPolicy::Software => false,
+            AfPolicy::Auto => features.hafdbs >= 1,
+            AfPolicy::Hardware => {
+                if features.hafdbs == 0 {
+                    warn!("af=hw but the CPU has no hardware Access Flag (HAFDBS=0): using software AF");
+                }
+                features.hafdbs >= 1
+            }
+        };
+        let af_mode = if hw_af { AfMode::Hardware } else { AfMode::Software };
+
+        let online = crate::smp::online_cpus();
+        let nvcpus = match config.guest_cpus as usize {
+            0 => online,
+            n if n > online => {
+                warn!("guest_cpus={n} but only {online} CPUs are online: using {online}");
+                online
+            }
+            n => n,
+        };
+        let vcpus = platform.cpus[..nvcpus]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Vcpu {
+                mpidr: (1 << 31) | c.mpidr,
+                state: AtomicU8::new(if i == 0 { PowerState::On } else { PowerState::Off } as u8),
+                entry: AtomicU64::new(0),
+                context_id: AtomicU64::new(0),
+                console: Mutex::new(mmio::ConsoleLine::default()),
+            })
+            .collect::<Vec<_>>();
+
+        let stage2 = Stage2::new(features.ipa_bits() as u8, hw::FrameTables, hw::VmidTlb).map_err(stage2_err)?;
+        let regs = hw::Stage2Regs {
+            ipa_bits: features.ipa_bits(),
+            parange: features.parange,
+            hw_af,
+            root: stage2.root(),
+            vmid: VMID,
+        };
+        let vm = Self {
+            stage2,
+            regs,
+            ram_size,
+            af_mode,
+            vcpus,
+            stats: VmStats::default(),
+            fault_lock: Mutex::new(()),
+        };
+        // TLB maintenance while filling stage 2 must target our VMID.
+        hw::setup_this_cpu(&vm.regs, vm.vcpus[0].mpidr);
+
+        let mpidrs: Vec<u64> = vm.vcpus.iter().map(|v| v.mpidr).collect();
+        let dtb = guest_dtb::build(&guest_dtb::GuestDtbSpec {
+            ram_size,
+            vcpu_mpidrs: &mpidrs,
+            bootargs: &config.guest_bootargs,
+        })
+        .map_err(VmError::Dtb)?;
+        vm.load(Ipa(layout::DTB_IPA), dtb.as_ptr(), dtb.len() as u64)?;
+        vm.load(Ipa(layout::IMAGE_IPA), image.start.as_u64() as *const u8, image.size)?;
+        info!(
+            "vm0: {} vCPUs, RAM {:#x}+{:#x}, image {} bytes from {}, AF {:?}, IPA {} bits",
+            vm.vcpus.len(),
+            layout::RAM_BASE,
+            ram_size,
+            image.size,
+            image.start,
+            af_mode,
+            features.ipa_bits()
+        );
+        Ok(vm)
+    }
+
+    /// Copies `len` bytes from hypervisor memory at `src` into fresh frames
+    /// mapped at `ipa` (eager mapping of the image and DTB).
+    fn load(&self, ipa: Ipa, src: *const u8, len: u64) -> Result<(), VmError> {
+        let mut off = 0;
+        while off < len {
+            let frame = memory::alloc_zeroed_frame().map_err(stage2_err)?;
+            let n = (len - off).min(PAGE_SIZE);
+            // SAFETY: `src + off .. + n` is inside the source (the loader
+            // module or the DTB vector), the frame is fresh and identity
+            // mapped; the two do not overlap.
+            unsafe {
+                core::ptr::copy_nonoverlapping(src.add(off as usize), frame.start().as_u64() as *mut u8, n as usize);
+            }
+            clean_dcache_page(frame.start());
+            self.map_ram_page(ipa.add(off), frame.start())?;
+            off += PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    fn map_ram_page(&self, ipa: Ipa, pa: PhysAddr) -> Result<(), VmError> {
+        self.stage2
+            .map(ipa, pa, PAGE_SIZE, Perms::RWX, MemType::Normal, MapFlags { af: false, allow_blocks: false })
+            .map_err(stage2_err)?;
+        self.stats.mapped_frames.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether `ipa` is guest RAM.
+    fn in_ram(&self, ipa: Ipa) -> bool {
+        ipa.as_u64() >= layout::RAM_BASE && ipa.as_u64() - layout::RAM_BASE < self.ram_size
+    }
+
+    /// Prints the statistics line scripts and tests read.
+    fn print_stats(&self) {
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let mut c = v.console.lock();
+            if !c.is_empty() {
+                c.flush(i, false);
+            }
+        }
+        let frames = self.stats.mapped_frames.load(Ordering::Relaxed);
+        crate::println!(
+            "hyp: vm0 stats mapped_frames={} mapped_mib={} ram_mib={} stage2_faults={} af_faults={} injected_aborts={} af={:?}",
+            frames,
+            frames * PAGE_SIZE >> 20,
+            self.ram_size >> 20,
+            self.stats.stage2_faults.load(Ordering::Relaxed),
+            self.stats.af_faults.load(Ordering::Relaxed),
+            self.stats.injected_aborts.load(Ordering::Relaxed),
+            self.af_mode,
+        );
+    }
+}
+
+/// Writes a page back to the point of coherency, so that a guest running
+/// with its MMU (and caches) off reads what the hypervisor wrote.
+fn clean_dcache_page(pa: PhysAddr) {
+    const LINE: u64 = 64;
+    let mut a = pa.as_u64();
+    while a < pa.as_u64() + PAGE_SIZE {
+        // SAFETY: cleaning a cache line of identity-mapped RAM does not
+        // change memory contents.
+        unsafe { core::arch::asm!("dc cvac, {}", in(reg) a, options(nostack)) };
+        a += LINE;
+    }
+    aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);
+    // SAFETY: invalidating the instruction caches has no effect on memory.
+    unsafe { core::arch::asm!("ic ialluis", options(nostack)) };
+    aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::SY);
+}
+
+/// How a vCPU's run ended.
+enum VcpuEnd {
+    /// PSCI CPU_OFF: the physical CPU idles until the next CPU_ON.
+    Off,
+}
+
+/// Runs the VM on the boot CPU (vCPU 0), or powers off without a guest.
+pub fn run_primary(platform: &Platform, config: &BootConfig, features: &CpuFeatures) -> ! {
+    if config.guest_image.is_none() {
+        info!("no guest image (bootarg guest=ADDR+SIZE): powering off");
+        power::system_off()
+    }
+    let vm = match Vm::create(platform, config, features) {
+        Ok(vm) => VM.call_once(|| vm),
+        Err(e) => power::fatal(power::EXIT_BOOT_ERROR, format_args!("hyp: error: {e}")),
+    };
+    aarch64_cpu::asm::sev();
+    run_vcpu(vm, 0, layout::IMAGE_IPA, layout::DTB_IPA);
+    idle_loop(vm, 0)
+}
+
+/// What a secondary CPU does once it is up: wait for the VM, then for a
+/// PSCI CPU_ON of its vCPU.
+pub fn secondary_idle(index: usize) -> ! {
+    let vm = loop {
+        if let Some(vm) = VM.get() {
+            break vm;
+        }
+        aarch64_cpu::asm::wfe();
+    };
+    if index >= vm.vcpus.len() {
+        info!("cpu{index}: no vCPU for this CPU, parking");
+        power::park()
+    }
+    hw::setup_this_cpu(&vm.regs, vm.vcpus[index].mpidr);
+    idle_loop(vm, index)
+}
+
+fn idle_loop(vm: &'static Vm, index: usize) -> ! {
+    let vcpu = &vm.vcpus[index];
+    loop {
+        if PowerState::from_u8(vcpu.state.load(Ordering::Acquire)) == PowerState::Pending {
+            let entry = vcpu.entry.load(Ordering::Relaxed);
+            let ctx = vcpu.context_id.load(Ordering::Relaxed);
+            vcpu.state.store(PowerState::On as u8, Ordering::Release);
+            run_vcpu(vm, index, entry, ctx);
+        } else {
+            aarch64_cpu::asm::wfe();
+        }
+    }
+}
+
+fn run_vcpu(vm: &'static Vm, index: usize, entry: u64, arg: u64) {
+    exits::reset_el1_state();
+    let mut ctx = GuestContext::new(entry, SPSR_EL1H_MASKED, arg);
+    info!("vm0/vcpu{index}: starting at {entry:#x} (x0={arg:#x})");
+    loop {
+        // SAFETY: stage 2 confines the guest to its RAM (and traps on
+        // everything else), HCR_EL2 runs it at EL1 in AArch64, and `ctx`
+        // is an EL1h state (setup_this_cpu ran on this CPU).
+        let kind = unsafe { enter_guest(&mut ctx) };
+        match exits::handle(vm, index, &mut ctx, kind) {
+            exits::Next::Resume => {}
+            exits::Next::Stop(VcpuEnd::Off) => {
+                info!("vm0/vcpu{index}: off");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Host tests of the stage-2 table through its public API: behaviour of
+//! each operation (`ops`) and a property test against a model (`model`).
+
+mod common;
+mod model;
+mod ops;
+
+use common::{HostAlloc, RecordingTlb};
+use stage2::Stage2;
+
+/// The table type every test uses.
+type S2<'a> = Stage2<&'a HostAlloc, &'a RecordingTlb<'a>>;
+
+/// A 40-bit table over `alloc`, with `tlb` attached to its root.
+fn new_s2<'a>(alloc: &'a HostAlloc, tlb: &'a RecordingTlb<'a>) -> S2<'a> {
+    let s2 = Stage2::new(40, alloc, tlb).expect("root table");
+    tlb.attach(s2.root());
+    s2
+}
