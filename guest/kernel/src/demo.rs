@@ -1,0 +1,102 @@
+//! Demo mode (`mode=demo`, the default).
+//!
+//! Prints one line that summarises the boot, e.g.
+//! `guest: hello from EL1 vcpus=4 mmu=on ram=0x40000000+0x40000000`,
+//! touches `touch=` bytes of fresh RAM (one word per 4 KiB page, so the
+//! hypervisor maps that many frames), prints `guest: touched N pages`,
+//! optionally reads an unbacked IPA (`fault=outside`) and reports the
+//! abort, then powers off.
+
+use aarch64_cpu::registers::{CurrentEL, Readable};
+
+use crate::addr::PAGE_SIZE;
+use crate::cmdline::Fault;
+use crate::exceptions;
+use crate::frames::{self, FrameError, FrameRun};
+use crate::mmio;
+use crate::mmu::{self, UNBACKED_PROBE};
+use crate::power;
+use crate::System;
+
+/// Largest run the demo allocates at once: 2 MiB.
+const MAX_RUN: usize = 512;
+
+/// Runs the demo and powers off.
+pub fn run(system: &System) -> ! {
+    let ram = system.platform.ram;
+    log::info!(
+        "hello from EL{} vcpus={} mmu={} ram={:#x}+{:#x}",
+        CurrentEL.read(CurrentEL::EL),
+        system.bring_up.up,
+        if mmu::is_enabled() { "on" } else { "off" },
+        ram.start.as_u64(),
+        ram.size()
+    );
+
+    let wanted = system.cmdline.touch_bytes.div_ceil(PAGE_SIZE) as usize;
+    let (touched, error) = touch_fresh_pages(wanted);
+    if let Some(error) = error {
+        log::warn!("touch={}: stopped after {touched} of {wanted} pages: {error}", system.cmdline.touch_bytes);
+    }
+    log::info!("touched {touched} pages");
+
+    if system.cmdline.fault == Some(Fault::Outside) {
+        fault_outside(system);
+    }
+    power::system_off()
+}
+
+/// Writes one word into every page of `run`, returns how many.
+pub fn touch_run(run: &FrameRun, pattern: u64) -> usize {
+    for i in 0..run.count() {
+        let frame = run.frame(i);
+        // SAFETY: the run was allocated to the caller, so nothing else uses
+        // its frames; they are RAM, identity-mapped read-write, and the
+        // frame address is page- (so u64-) aligned.
+        unsafe { core::ptr::write_volatile(frame.as_ptr::<u64>(), pattern ^ frame.as_u64()) };
+    }
+    run.count()
+}
+
+/// Allocates and touches `pages` fresh pages, in runs of at most
+/// [`MAX_RUN`]; the frames stay allocated. Returns the pages touched and,
+/// if it stopped early, why.
+fn touch_fresh_pages(pages: usize) -> (usize, Option<FrameError>) {
+    let mut touched = 0;
+    while touched < pages {
+        let mut chunk = (pages - touched).min(MAX_RUN);
+        // Whole buddy blocks only: a run of n frames takes n rounded up to
+        // a power of two.
+        chunk = 1 << chunk.ilog2();
+        let run = loop {
+            match frames::alloc(chunk) {
+                Ok(run) => break run,
+                Err(_) if chunk > 1 => chunk /= 2,
+                Err(error) => return (touched, Some(error)),
+            }
+        };
+        touched += touch_run(&run, 0x5a5a_5a5a_0000_0000);
+    }
+    (touched, None)
+}
+
+/// `fault=outside`: read [`UNBACKED_PROBE`] and report what happened.
+fn fault_outside(system: &System) {
+    let ipa = UNBACKED_PROBE;
+    if !system.platform.is_unclaimed(ipa) {
+        log::warn!("fault=outside: {ipa} is claimed by a DTB node; reading it anyway");
+    }
+    // SAFETY: the probe page is mapped as device memory; reading it either
+    // returns a value or takes the abort armed here.
+    let (value, abort) = exceptions::with_expected_abort(ipa, || unsafe { mmio::read32(ipa) });
+    match abort {
+        Some(abort) => log::info!(
+            "fault=outside: read of {:#x} took a synchronous external abort ({abort})",
+            ipa.as_u64()
+        ),
+        None => log::warn!(
+            "fault=outside: read of {:#x} returned {value:#x} without an abort",
+            ipa.as_u64()
+        ),
+    }
+}
