@@ -216,7 +216,7 @@ unsafe extern "C" {
 
 /// Guest-physical address of [`secondary_entry`], for `CPU_ON`.
 pub fn secondary_entry_point() -> PhysAddr {
-    PhysAddr(secondary_entry as usize as u64)
+    PhysAddr(secondary_entry as *const () as usize as u64)
 }
 
 /// Where the kernel image lies in guest-physical memory.
@@ -239,8 +239,14 @@ pub fn image_layout() -> ImageLayout {
     let rodata_end = PhysAddr::from_ptr(&raw const __rodata_end);
     let end = PhysAddr::from_ptr(&raw const __image_end);
     ImageLayout {
-        text: PhysRange { start, end: text_end },
-        rodata: PhysRange { start: text_end, end: rodata_end },
+        text: PhysRange {
+            start,
+            end: text_end,
+        },
+        rodata: PhysRange {
+            start: text_end,
+            end: rodata_end,
+        },
         whole: PhysRange { start, end },
     }
 }

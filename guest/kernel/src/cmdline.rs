@@ -69,29 +69,32 @@ pub struct Cmdline {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CmdlineError {
     /// `mode=` is neither `demo` nor `test`.
-    BadMode(String),
+    Mode(String),
     /// `touch=` is not a size.
-    BadSize {
+    Size {
         /// The key.
         key: &'static str,
         /// The offending value.
         value: String,
     },
     /// `fault=` is not `outside`.
-    BadFault(String),
+    Fault(String),
     /// `log=` is not a known level.
-    BadVerbosity(String),
+    Verbosity(String),
 }
 
 impl fmt::Display for CmdlineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::BadMode(v) => write!(f, "mode={v}: expected `demo` or `test`"),
-            Self::BadSize { key, value } => {
-                write!(f, "{key}={value}: expected a size such as 4096, 0x1000, 64K, 64M or 1G")
+            Self::Mode(v) => write!(f, "mode={v}: expected `demo` or `test`"),
+            Self::Size { key, value } => {
+                write!(
+                    f,
+                    "{key}={value}: expected a size such as 4096, 0x1000, 64K, 64M or 1G"
+                )
             }
-            Self::BadFault(v) => write!(f, "fault={v}: expected `outside`"),
-            Self::BadVerbosity(v) => write!(f, "log={v}: expected `info`, `debug` or `trace`"),
+            Self::Fault(v) => write!(f, "fault={v}: expected `outside`"),
+            Self::Verbosity(v) => write!(f, "log={v}: expected `info`, `debug` or `trace`"),
         }
     }
 }
@@ -109,11 +112,11 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
                 cmdline.mode = match value {
                     "demo" => Mode::Demo,
                     "test" => Mode::Test,
-                    _ => return Err(CmdlineError::BadMode(value.to_string())),
+                    _ => return Err(CmdlineError::Mode(value.to_string())),
                 }
             }
             "touch" => {
-                cmdline.touch_bytes = parse_size(value).ok_or_else(|| CmdlineError::BadSize {
+                cmdline.touch_bytes = parse_size(value).ok_or_else(|| CmdlineError::Size {
                     key: "touch",
                     value: value.to_string(),
                 })?
@@ -121,7 +124,7 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
             "fault" => {
                 cmdline.fault = match value {
                     "outside" => Some(Fault::Outside),
-                    _ => return Err(CmdlineError::BadFault(value.to_string())),
+                    _ => return Err(CmdlineError::Fault(value.to_string())),
                 }
             }
             "log" => {
@@ -129,7 +132,7 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
                     "info" => Verbosity::Info,
                     "debug" => Verbosity::Debug,
                     "trace" => Verbosity::Trace,
-                    _ => return Err(CmdlineError::BadVerbosity(value.to_string())),
+                    _ => return Err(CmdlineError::Verbosity(value.to_string())),
                 }
             }
             _ => cmdline.unknown.push(key.to_string()),
@@ -147,7 +150,10 @@ pub fn parse_size(text: &str) -> Option<u64> {
         b'g' | b'G' => (&text[..text.len() - 1], 30),
         _ => (text, 0),
     };
-    let value = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+    let value = match digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
         Some(hex) => u64::from_str_radix(hex, 16).ok()?,
         None => digits.parse::<u64>().ok()?,
     };
@@ -188,11 +194,20 @@ mod tests {
 
     #[test]
     fn bad_values_are_errors() {
-        assert_eq!(parse("mode=fast"), Err(CmdlineError::BadMode("fast".into())));
-        assert_eq!(parse("fault=inside"), Err(CmdlineError::BadFault("inside".into())));
-        assert_eq!(parse("log=loud"), Err(CmdlineError::BadVerbosity("loud".into())));
-        assert!(matches!(parse("touch=lots"), Err(CmdlineError::BadSize { key: "touch", .. })));
-        assert!(matches!(parse("touch="), Err(CmdlineError::BadSize { .. })));
+        assert_eq!(parse("mode=fast"), Err(CmdlineError::Mode("fast".into())));
+        assert_eq!(
+            parse("fault=inside"),
+            Err(CmdlineError::Fault("inside".into()))
+        );
+        assert_eq!(
+            parse("log=loud"),
+            Err(CmdlineError::Verbosity("loud".into()))
+        );
+        assert!(matches!(
+            parse("touch=lots"),
+            Err(CmdlineError::Size { key: "touch", .. })
+        ));
+        assert!(matches!(parse("touch="), Err(CmdlineError::Size { .. })));
     }
 
     #[test]

@@ -55,7 +55,8 @@ fn put_byte(base: PhysAddr, byte: u8) {
     for _ in 0..TXFF_POLL_LIMIT {
         // SAFETY: `base` is the PL011 from the DTB, mapped as device memory
         // (or the MMU is off); reading UARTFR has no side effect.
-        let flags = LocalRegisterCopy::<u32, UARTFR_BITS::Register>::new(unsafe { mmio::read32(fr) });
+        let flags =
+            LocalRegisterCopy::<u32, UARTFR_BITS::Register>::new(unsafe { mmio::read32(fr) });
         if !flags.is_set(UARTFR_BITS::TXFF) {
             break;
         }

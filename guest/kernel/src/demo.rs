@@ -36,7 +36,10 @@ pub fn run(system: &System) -> ! {
     let wanted = system.cmdline.touch_bytes.div_ceil(PAGE_SIZE) as usize;
     let (touched, error) = touch_fresh_pages(wanted);
     if let Some(error) = error {
-        log::warn!("touch={}: stopped after {touched} of {wanted} pages: {error}", system.cmdline.touch_bytes);
+        log::warn!(
+            "touch={}: stopped after {touched} of {wanted} pages: {error}",
+            system.cmdline.touch_bytes
+        );
     }
     log::info!("touched {touched} pages");
 

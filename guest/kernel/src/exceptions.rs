@@ -48,8 +48,8 @@ const _: () = {
     assert!(offset_of!(TrapFrame, x) == 0);
     assert!(offset_of!(TrapFrame, spsr) == offset_of!(TrapFrame, elr) + 8);
     assert!(offset_of!(TrapFrame, fpcr) == offset_of!(TrapFrame, fpsr) + 8);
-    assert!(offset_of!(TrapFrame, q) % 16 == 0);
-    assert!(FRAME_SIZE % 16 == 0 && FRAME_SIZE < 4096);
+    assert!(offset_of!(TrapFrame, q).is_multiple_of(16));
+    assert!(FRAME_SIZE.is_multiple_of(16) && FRAME_SIZE < 4096);
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -367,7 +367,10 @@ static SLOT_OWNER: spin::Mutex<()> = spin::Mutex::new(());
 /// instruction skipped, and returned alongside `access`'s result (which is
 /// then whatever the skipped load left in its register). `None` if no
 /// abort happened.
-pub fn with_expected_abort<R>(ipa: PhysAddr, access: impl FnOnce() -> R) -> (R, Option<AbortRecord>) {
+pub fn with_expected_abort<R>(
+    ipa: PhysAddr,
+    access: impl FnOnce() -> R,
+) -> (R, Option<AbortRecord>) {
     let _owner = SLOT_OWNER.lock();
     SLOT.taken.store(false, Ordering::SeqCst);
     SLOT.ipa.store(ipa.as_u64(), Ordering::SeqCst);
@@ -436,7 +439,11 @@ fn report(origin: Origin, kind: Kind, abort: &AbortRecord, frame: &TrapFrame) {
         Mpidr::current()
     );
     if kind != Kind::Synchronous {
-        log::error!("  ELR_EL1={:#018x} SPSR_EL1={:#010x}", frame.elr, frame.spsr);
+        log::error!(
+            "  ELR_EL1={:#018x} SPSR_EL1={:#010x}",
+            frame.elr,
+            frame.spsr
+        );
         return;
     }
     match esr.read_as_enum::<ESR_EL1::EC::Value>(ESR_EL1::EC) {

@@ -26,11 +26,6 @@ pub struct FrameRun {
 }
 
 impl FrameRun {
-    /// First frame.
-    pub fn start(&self) -> PhysAddr {
-        self.start
-    }
-
     /// Number of frames.
     pub fn count(&self) -> usize {
         self.count
@@ -85,7 +80,10 @@ pub fn alloc(count: usize) -> Result<FrameRun, FrameError> {
     if count == 0 {
         return Err(FrameError::Empty);
     }
-    let first = FRAMES.lock().alloc(count).ok_or(FrameError::OutOfFrames { count })?;
+    let first = FRAMES
+        .lock()
+        .alloc(count)
+        .ok_or(FrameError::OutOfFrames { count })?;
     Ok(FrameRun {
         start: PhysAddr(first as u64 * PAGE_SIZE),
         count,

@@ -48,7 +48,8 @@ const ROOT_LEVEL: usize = 1;
 /// `MAIR_EL1` slot 0: device nGnRE.
 const DEVICE: El1Attributes = El1Attributes::ATTRIBUTE_INDEX_0;
 /// `MAIR_EL1` slot 1: normal write-back read/write-allocate.
-const NORMAL: El1Attributes = El1Attributes::ATTRIBUTE_INDEX_1.union(El1Attributes::INNER_SHAREABLE);
+const NORMAL: El1Attributes =
+    El1Attributes::ATTRIBUTE_INDEX_1.union(El1Attributes::INNER_SHAREABLE);
 
 const VALID: El1Attributes = El1Attributes::VALID.union(El1Attributes::ACCESSED);
 const NEVER_EXECUTE: El1Attributes = El1Attributes::UXN.union(El1Attributes::PXN);
@@ -95,7 +96,10 @@ impl fmt::Display for MmuError {
         match self {
             Self::Map { what, range, error } => write!(f, "cannot map {what} {range}: {error}"),
             Self::OutOfRange { what, range, limit } => {
-                write!(f, "{what} {range} is beyond the {limit:#x}-byte address space")
+                write!(
+                    f,
+                    "{what} {range} is beyond the {limit:#x}-byte address space"
+                )
             }
             Self::AlreadyActive => f.write_str("the MMU is already set up"),
         }
@@ -110,11 +114,14 @@ fn map(
     flags: El1Attributes,
 ) -> Result<(), MmuError> {
     let start = range.start.align_down(PAGE_SIZE);
-    let end = range.end.checked_align_up(PAGE_SIZE).ok_or(MmuError::OutOfRange {
-        what,
-        range,
-        limit: idmap.size() as u64,
-    })?;
+    let end = range
+        .end
+        .checked_align_up(PAGE_SIZE)
+        .ok_or(MmuError::OutOfRange {
+            what,
+            range,
+            limit: idmap.size() as u64,
+        })?;
     if end.as_u64() > idmap.size() as u64 {
         return Err(MmuError::OutOfRange {
             what,
@@ -182,7 +189,10 @@ pub fn init(platform: &Platform, image: &ImageLayout) -> Result<(), MmuError> {
     }
     invalidate_local_tlb();
     SCTLR_EL1.modify(
-        SCTLR_EL1::M::Enable + SCTLR_EL1::C::Cacheable + SCTLR_EL1::I::Cacheable + SCTLR_EL1::A::Disable,
+        SCTLR_EL1::M::Enable
+            + SCTLR_EL1::C::Cacheable
+            + SCTLR_EL1::I::Cacheable
+            + SCTLR_EL1::A::Disable,
     );
     barrier::isb(barrier::SY);
 
@@ -201,7 +211,12 @@ fn invalidate_local_tlb() {
     // SAFETY: TLB invalidation has no effect on memory contents; the
     // barriers make it complete before later translations.
     unsafe {
-        core::arch::asm!("tlbi vmalle1", "dsb nsh", "isb", options(nostack, preserves_flags));
+        core::arch::asm!(
+            "tlbi vmalle1",
+            "dsb nsh",
+            "isb",
+            options(nostack, preserves_flags)
+        );
     }
 }
 
@@ -229,5 +244,7 @@ pub fn translate(va: u64) -> Option<PhysAddr> {
     if par.matches_all(PAR_EL1::F::TranslationAborted) {
         return None;
     }
-    Some(PhysAddr(par.read(PAR_EL1::PA) * PAGE_SIZE + (va % PAGE_SIZE)))
+    Some(PhysAddr(
+        par.read(PAR_EL1::PA) * PAGE_SIZE + (va % PAGE_SIZE),
+    ))
 }

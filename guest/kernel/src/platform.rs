@@ -35,7 +35,7 @@ pub struct Platform {
 }
 
 /// A DTB the kernel cannot boot from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum PlatformError {
     /// The blob is not a valid FDT.
     Fdt {
@@ -90,7 +90,7 @@ fn is_enabled(node: &FdtNode<'_, '_>) -> bool {
 }
 
 /// The `reg` ranges of a node that have a size.
-fn reg_ranges(node: &FdtNode<'_, '_>) -> impl Iterator<Item = PhysRange> {
+fn reg_ranges<'a>(node: &FdtNode<'_, 'a>) -> impl Iterator<Item = PhysRange> + 'a {
     node.reg().into_iter().flatten().filter_map(|r| {
         let size = r.size? as u64;
         PhysRange::from_start_size(PhysAddr::from_ptr(r.starting_address), size)
@@ -109,12 +109,11 @@ pub unsafe fn parse(dtb: PhysAddr, image: PhysAddr) -> Result<Platform, Platform
     // the header and then at most `totalsize` bytes.
     let fdt = unsafe { Fdt::from_ptr(dtb.as_ptr::<u8>()) }
         .map_err(|error| PlatformError::Fdt { at: dtb, error })?;
-    let dtb_range = PhysRange::from_start_size(dtb, fdt.total_size() as u64).ok_or(
-        PlatformError::Fdt {
+    let dtb_range =
+        PhysRange::from_start_size(dtb, fdt.total_size() as u64).ok_or(PlatformError::Fdt {
             at: dtb,
             error: fdt::FdtError::BufferTooSmall,
-        },
-    )?;
+        })?;
 
     let ram = find_ram(&fdt, image)?;
     let uart = find_uart(&fdt)?;
@@ -178,14 +177,18 @@ fn find_uart(fdt: &Fdt<'_>) -> Result<PhysRange, PlatformError> {
     let node = fdt
         .all_nodes()
         .find(|n| {
-            is_enabled(n) && n.compatible().is_some_and(|c| c.all().any(|s| s == "arm,pl011"))
+            is_enabled(n)
+                && n.compatible()
+                    .is_some_and(|c| c.all().any(|s| s == "arm,pl011"))
         })
         .ok_or(PlatformError::MissingNode("arm,pl011 UART"))?;
     reg_ranges(&node).next().ok_or_else(|| bad(&node, "reg"))
 }
 
 fn find_cpus(fdt: &Fdt<'_>) -> Result<Vec<Mpidr>, PlatformError> {
-    let cpus = fdt.find_node("/cpus").ok_or(PlatformError::MissingNode("/cpus"))?;
+    let cpus = fdt
+        .find_node("/cpus")
+        .ok_or(PlatformError::MissingNode("/cpus"))?;
     let mut list = Vec::new();
     for cpu in cpus.children() {
         if cpu.name.split('@').next() != Some("cpu") || !is_enabled(&cpu) {
@@ -204,7 +207,9 @@ fn find_cpus(fdt: &Fdt<'_>) -> Result<Vec<Mpidr>, PlatformError> {
 }
 
 fn check_psci(fdt: &Fdt<'_>) -> Result<(), PlatformError> {
-    let psci = fdt.find_node("/psci").ok_or(PlatformError::MissingNode("/psci"))?;
+    let psci = fdt
+        .find_node("/psci")
+        .ok_or(PlatformError::MissingNode("/psci"))?;
     let method = psci
         .property("method")
         .and_then(|p| p.as_str())

@@ -40,8 +40,12 @@ const TESTS: &[(&str, TestFn)] = &[
     ("touch_memory_mapped_frames", touch_memory_mapped_frames),
     ("abort_outside_ram", abort_outside_ram),
     ("psci_version_features", psci_version_features),
-    ("unknown_hypercall_not_supported", unknown_hypercall_not_supported),
+    (
+        "unknown_hypercall_not_supported",
+        unknown_hypercall_not_supported,
+    ),
     ("vendor_uid", vendor_uid),
+    ("vendor_revision", vendor_revision),
     ("features", features),
     ("counter_runs", counter_runs),
 ];
@@ -154,7 +158,12 @@ fn el1(_: &System) -> Result<(), Failure> {
 
 /// The MMU and caches are on, with our tables, and they translate as built.
 fn mmu_on(_: &System) -> Result<(), Failure> {
-    require(mmu::is_enabled(), "SCTLR_EL1.{M,C,I}", "all set", "not all set")?;
+    require(
+        mmu::is_enabled(),
+        "SCTLR_EL1.{M,C,I}",
+        "all set",
+        "not all set",
+    )?;
     let root = mmu::root_table().map_or(0, PhysAddr::as_u64);
     let ttbr = TTBR0_EL1.get_baddr();
     require(
@@ -213,7 +222,12 @@ fn counter_runs(_: &System) -> Result<(), Failure> {
         core::hint::spin_loop();
     }
     let end = timer::ticks();
-    require(end > start, "CNTVCT_EL0 after 1 ms", format_args!("> {start}"), end)
+    require(
+        end > start,
+        "CNTVCT_EL0 after 1 ms",
+        format_args!("> {start}"),
+        end,
+    )
 }
 
 /// PSCI is at least 1.0; `PSCI_FEATURES` knows `CPU_ON` and rejects an
@@ -266,6 +280,19 @@ fn vendor_uid(_: &System) -> Result<(), Failure> {
         "CALL_UID",
         format_args!("{HYP_UID:08x?}"),
         format_args!("{uid:08x?}"),
+    )
+}
+
+/// `REVISION` is the ABI revision this kernel was built against (same
+/// major, at least the same minor).
+fn vendor_revision(_: &System) -> Result<(), Failure> {
+    let (major, minor) = smccc_client::revision()?;
+    let (want_major, want_minor) = hyp_abi::REVISION;
+    require(
+        major == want_major && minor >= want_minor,
+        "REVISION",
+        format_args!("{want_major}.{want_minor} or a later minor"),
+        format_args!("{major}.{minor}"),
     )
 }
 

@@ -93,9 +93,16 @@ impl fmt::Display for BringUpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::TooManyCpus { index } => {
-                write!(f, "cpu {index}: not started, the kernel supports {MAX_CPUS} CPUs")
+                write!(
+                    f,
+                    "cpu {index}: not started, the kernel supports {MAX_CPUS} CPUs"
+                )
             }
-            Self::CpuOn { index, mpidr, error } => {
+            Self::CpuOn {
+                index,
+                mpidr,
+                error,
+            } => {
                 write!(f, "cpu {index} (mpidr {mpidr}): CPU_ON failed: {error}")
             }
             Self::BootCpuNotInDtb(mpidr) => {
@@ -140,7 +147,11 @@ pub fn start_secondaries(cpus: &[Mpidr]) -> BringUp {
         let entry = boot::secondary_entry_point().as_u64();
         match psci::cpu_on::<Hvc>(mpidr.as_u64(), entry, index as u64) {
             Ok(()) => expected += 1,
-            Err(error) => errors.push(BringUpError::CpuOn { index, mpidr, error }),
+            Err(error) => errors.push(BringUpError::CpuOn {
+                index,
+                mpidr,
+                error,
+            }),
         }
     }
     let deadline = Deadline::after(BRING_UP_TIMEOUT);

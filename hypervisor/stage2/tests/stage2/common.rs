@@ -71,7 +71,10 @@ impl HostAlloc {
         let state = self.state.lock().unwrap();
         let mut table = root.0;
         for l in 0..=level {
-            assert!(state.live.contains(&table), "reading a dead table {table:#x}");
+            assert!(
+                state.live.contains(&table),
+                "reading a dead table {table:#x}"
+            );
             let index = (ipa.0 >> level_shift(l)) as usize % ENTRIES;
             // SAFETY: `table` is a live page of ours (checked above), so the
             // index is inside an allocated, aligned 4 KiB page.
@@ -123,7 +126,10 @@ unsafe impl TableAlloc for HostAlloc {
 
     fn table_ptr(&self, pa: PhysAddr) -> *const Descriptor {
         let s = self.state.lock().unwrap();
-        assert!(s.live.contains(&pa.0), "walk into a freed or foreign table {pa}");
+        assert!(
+            s.live.contains(&pa.0),
+            "walk into a freed or foreign table {pa}"
+        );
         pa.0 as *const Descriptor
     }
 }
@@ -135,7 +141,10 @@ impl Drop for HostAlloc {
             // SAFETY: quarantined pages are still allocated by us.
             let words = unsafe { std::slice::from_raw_parts(pa as *const u64, ENTRIES) };
             if !std::thread::panicking() {
-                assert!(words.iter().all(|&w| w == POISON), "freed table {pa:#x} written after free");
+                assert!(
+                    words.iter().all(|&w| w == POISON),
+                    "freed table {pa:#x} written after free"
+                );
             }
         }
         for &pa in s.live.iter().chain(&s.freed) {
@@ -151,7 +160,11 @@ impl Drop for HostAlloc {
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum TlbEvent {
     /// `invalidate_ipa(ipa, level)`.
-    Ipa { ipa: Ipa, level: u8, entry: Option<u64> },
+    Ipa {
+        ipa: Ipa,
+        level: u8,
+        entry: Option<u64>,
+    },
     /// `invalidate_vmid()`; `entry` is that of the last `Ipa` event.
     Vmid { entry: Option<u64> },
 }
@@ -207,7 +220,10 @@ impl TlbInvalidate for RecordingTlb<'_> {
         if self.record {
             *self.last.lock().unwrap() = Some((ipa, level));
             let entry = self.entry(ipa, level);
-            self.events.lock().unwrap().push(TlbEvent::Ipa { ipa, level, entry });
+            self.events
+                .lock()
+                .unwrap()
+                .push(TlbEvent::Ipa { ipa, level, entry });
         }
     }
 

@@ -51,7 +51,10 @@ fn construction_and_vtcr() {
     }
     assert_eq!(alloc.live(), 0, "dropping frees the root");
     let none = HostAlloc::with_limit(0);
-    assert_eq!(Stage2::new(40, &none, &tlb).err(), Some(Stage2Error::NoMemory));
+    assert_eq!(
+        Stage2::new(40, &none, &tlb).err(),
+        Some(Stage2Error::NoMemory)
+    );
 }
 
 #[test]
@@ -60,8 +63,19 @@ fn page_descriptor_in_table() {
     let tlb = RecordingTlb::new(&alloc, true);
     let s2 = new_s2(&alloc, &tlb);
     let ipa = Ipa(0x4000_1000);
-    s2.map(ipa, PhysAddr(0x4000_1000), KIB4, Perms::RW, MemType::Normal, PAGES).unwrap();
-    assert_eq!(alloc.read_entry(s2.root(), ipa, 3), Some(0x0040_0000_4000_17ff));
+    s2.map(
+        ipa,
+        PhysAddr(0x4000_1000),
+        KIB4,
+        Perms::RW,
+        MemType::Normal,
+        PAGES,
+    )
+    .unwrap();
+    assert_eq!(
+        alloc.read_entry(s2.root(), ipa, 3),
+        Some(0x0040_0000_4000_17ff)
+    );
     // Every table on the path is a table descriptor to a live page.
     for level in 0..3 {
         let raw = alloc.read_entry(s2.root(), ipa, level).unwrap();
@@ -74,10 +88,24 @@ fn page_descriptor_in_table() {
     // Device, read-only, no AF.
     let dev = Ipa(0x0900_0000);
     let flags = MapFlags { af: false, ..PAGES };
-    s2.map(dev, PhysAddr(0x0900_0000), KIB4, Perms::READ, MemType::Device, flags).unwrap();
-    assert_eq!(alloc.read_entry(s2.root(), dev, 3), Some(0x0040_0000_0900_0347));
+    s2.map(
+        dev,
+        PhysAddr(0x0900_0000),
+        KIB4,
+        Perms::READ,
+        MemType::Device,
+        flags,
+    )
+    .unwrap();
+    assert_eq!(
+        alloc.read_entry(s2.root(), dev, 3),
+        Some(0x0040_0000_0900_0347)
+    );
     let t = s2.translate(dev).unwrap();
-    assert_eq!((t.perms, t.memtype, t.af), (Perms::READ, MemType::Device, false));
+    assert_eq!(
+        (t.perms, t.memtype, t.af),
+        (Perms::READ, MemType::Device, false)
+    );
 }
 
 #[test]
@@ -86,22 +114,64 @@ fn blocks_when_aligned() {
     let tlb = RecordingTlb::new(&alloc, false);
     let s2 = new_s2(&alloc, &tlb);
     // 1 GiB block: root + level-1 table.
-    s2.map(Ipa(GIB1), PhysAddr(0x8000_0000), GIB1, Perms::RWX, MemType::Normal, BLOCKS).unwrap();
-    assert_eq!(alloc.read_entry(s2.root(), Ipa(GIB1), 1), Some(0x0000_0000_8000_07fd));
-    assert_eq!(s2.translate(Ipa(GIB1 + 0x1234_5000)).map(|t| (t.level, t.pa)), Some((1, PhysAddr(0x9234_5000))));
+    s2.map(
+        Ipa(GIB1),
+        PhysAddr(0x8000_0000),
+        GIB1,
+        Perms::RWX,
+        MemType::Normal,
+        BLOCKS,
+    )
+    .unwrap();
+    assert_eq!(
+        alloc.read_entry(s2.root(), Ipa(GIB1), 1),
+        Some(0x0000_0000_8000_07fd)
+    );
+    assert_eq!(
+        s2.translate(Ipa(GIB1 + 0x1234_5000))
+            .map(|t| (t.level, t.pa)),
+        Some((1, PhysAddr(0x9234_5000)))
+    );
     assert_eq!((s2.table_pages(), s2.mapped_pages()), (2, 1 << 18));
     // 2 MiB block + one page after it: adds a level-2 and a level-3 table.
     let ipa = Ipa(0x8000_0000);
-    s2.map(ipa, PhysAddr(0x4020_0000), MIB2 + KIB4, Perms::RW, MemType::Normal, BLOCKS).unwrap();
-    assert_eq!(alloc.read_entry(s2.root(), ipa, 2), Some(0x0040_0000_4020_07fd));
+    s2.map(
+        ipa,
+        PhysAddr(0x4020_0000),
+        MIB2 + KIB4,
+        Perms::RW,
+        MemType::Normal,
+        BLOCKS,
+    )
+    .unwrap();
+    assert_eq!(
+        alloc.read_entry(s2.root(), ipa, 2),
+        Some(0x0040_0000_4020_07fd)
+    );
     assert_eq!(s2.translate(Ipa(0x801f_f000)), rw(2, 0x403f_f000));
     assert_eq!(s2.translate(Ipa(0x8020_0000)), rw(3, 0x4040_0000));
     assert_eq!((s2.table_pages(), s2.mapped_pages()), (4, (1 << 18) + 513));
     // The output is only 4 KiB aligned: pages, even with blocks allowed.
-    s2.map(Ipa(0xc000_0000), PhysAddr(0x4000_1000), MIB2, Perms::RW, MemType::Normal, BLOCKS).unwrap();
+    s2.map(
+        Ipa(0xc000_0000),
+        PhysAddr(0x4000_1000),
+        MIB2,
+        Perms::RW,
+        MemType::Normal,
+        BLOCKS,
+    )
+    .unwrap();
     assert_eq!(s2.translate(Ipa(0xc000_0000)), rw(3, 0x4000_1000));
     // Blocks not allowed: pages.
-    s2.map(Ipa(0xc020_0000), PhysAddr(0x4000_0000), MIB2, Perms::RW, MemType::Normal, PAGES).unwrap();
+    s2.map(
+        Ipa(0xc020_0000),
+        PhysAddr(0x4000_0000),
+        MIB2,
+        Perms::RW,
+        MemType::Normal,
+        PAGES,
+    )
+    .unwrap();
     assert_eq!(s2.translate(Ipa(0xc03f_f000)), rw(3, 0x401f_f000));
 }
 
@@ -111,7 +181,15 @@ fn partial_unmap_splits_block_with_bbm() {
     let tlb = RecordingTlb::new(&alloc, true);
     let s2 = new_s2(&alloc, &tlb);
     let base = Ipa(0x4000_0000);
-    s2.map(base, PhysAddr(0x8000_0000), MIB2, Perms::RW, MemType::Normal, BLOCKS).unwrap();
+    s2.map(
+        base,
+        PhysAddr(0x8000_0000),
+        MIB2,
+        Perms::RW,
+        MemType::Normal,
+        BLOCKS,
+    )
+    .unwrap();
     let tables = s2.table_pages();
     let hole = Ipa(0x4010_0000);
     let stats = s2.unmap(hole, KIB4).unwrap();
@@ -126,10 +204,22 @@ fn partial_unmap_splits_block_with_bbm() {
     assert_eq!(
         events,
         [
-            TlbEvent::Ipa { ipa: base, level: 2, entry: Some(LOCKED) },
-            TlbEvent::Vmid { entry: Some(LOCKED) },
-            TlbEvent::Ipa { ipa: hole, level: 3, entry: Some(LOCKED) },
-            TlbEvent::Vmid { entry: Some(LOCKED) },
+            TlbEvent::Ipa {
+                ipa: base,
+                level: 2,
+                entry: Some(LOCKED)
+            },
+            TlbEvent::Vmid {
+                entry: Some(LOCKED)
+            },
+            TlbEvent::Ipa {
+                ipa: hole,
+                level: 3,
+                entry: Some(LOCKED)
+            },
+            TlbEvent::Vmid {
+                entry: Some(LOCKED)
+            },
         ]
     );
     assert_eq!(alloc.read_entry(s2.root(), hole, 3), Some(0));
@@ -140,20 +230,43 @@ fn partial_protect_splits_gib_block_at_edges() {
     let alloc = HostAlloc::new();
     let tlb = RecordingTlb::new(&alloc, false);
     let s2 = new_s2(&alloc, &tlb);
-    s2.map(Ipa(GIB1), PhysAddr(2 * GIB1), GIB1, Perms::RW, MemType::Normal, BLOCKS).unwrap();
+    s2.map(
+        Ipa(GIB1),
+        PhysAddr(2 * GIB1),
+        GIB1,
+        Perms::RW,
+        MemType::Normal,
+        BLOCKS,
+    )
+    .unwrap();
     // [GIB1 + 2 MiB - 4 KiB, GIB1 + 6 MiB + 4 KiB): pages at both edges,
     // whole 2 MiB blocks in the middle.
     let start = GIB1 + MIB2 - KIB4;
     let size = 4 * MIB2 + 2 * KIB4;
     s2.protect(Ipa(start), size, Perms::READ).unwrap();
     let at = |ipa: u64| s2.translate(Ipa(ipa)).map(|t| (t.level, t.perms, t.pa.0));
-    assert_eq!(at(start - KIB4), Some((3, Perms::RW, 2 * GIB1 + MIB2 - 2 * KIB4)));
+    assert_eq!(
+        at(start - KIB4),
+        Some((3, Perms::RW, 2 * GIB1 + MIB2 - 2 * KIB4))
+    );
     assert_eq!(at(start), Some((3, Perms::READ, 2 * GIB1 + MIB2 - KIB4)));
     assert_eq!(at(GIB1 + MIB2), Some((2, Perms::READ, 2 * GIB1 + MIB2)));
-    assert_eq!(at(GIB1 + 4 * MIB2 + KIB4), Some((2, Perms::READ, 2 * GIB1 + 4 * MIB2 + KIB4)));
-    assert_eq!(at(GIB1 + 5 * MIB2), Some((3, Perms::READ, 2 * GIB1 + 5 * MIB2)));
-    assert_eq!(at(GIB1 + 5 * MIB2 + KIB4), Some((3, Perms::RW, 2 * GIB1 + 5 * MIB2 + KIB4)));
-    assert_eq!(at(GIB1 + 100 * MIB2), Some((2, Perms::RW, 2 * GIB1 + 100 * MIB2)));
+    assert_eq!(
+        at(GIB1 + 4 * MIB2 + KIB4),
+        Some((2, Perms::READ, 2 * GIB1 + 4 * MIB2 + KIB4))
+    );
+    assert_eq!(
+        at(GIB1 + 5 * MIB2),
+        Some((3, Perms::READ, 2 * GIB1 + 5 * MIB2))
+    );
+    assert_eq!(
+        at(GIB1 + 5 * MIB2 + KIB4),
+        Some((3, Perms::RW, 2 * GIB1 + 5 * MIB2 + KIB4))
+    );
+    assert_eq!(
+        at(GIB1 + 100 * MIB2),
+        Some((2, Perms::RW, 2 * GIB1 + 100 * MIB2))
+    );
     // root + L1 + L2 (from the 1 GiB split) + two L3 tables at the edges.
     assert_eq!((s2.table_pages(), s2.mapped_pages()), (5, 1 << 18));
     // Protect with the same permissions changes nothing and splits nothing.
@@ -163,7 +276,10 @@ fn partial_protect_splits_gib_block_at_edges() {
     // Unmapping all of it frees every table but the root.
     let stats = s2.unmap(Ipa(GIB1), GIB1).unwrap();
     assert_eq!((stats.pages_unmapped, stats.tables_freed), (1 << 18, 4));
-    assert_eq!((s2.table_pages(), s2.mapped_pages(), alloc.live()), (1, 0, 1));
+    assert_eq!(
+        (s2.table_pages(), s2.mapped_pages(), alloc.live()),
+        (1, 0, 1)
+    );
 }
 
 #[test]
@@ -172,27 +288,72 @@ fn remap_uses_break_before_make() {
     let tlb = RecordingTlb::new(&alloc, true);
     let s2 = new_s2(&alloc, &tlb);
     let ipa = Ipa(0x4000_0000);
-    s2.map(ipa, PhysAddr(0x1000_0000), KIB4, Perms::RW, MemType::Normal, PAGES).unwrap();
+    s2.map(
+        ipa,
+        PhysAddr(0x1000_0000),
+        KIB4,
+        Perms::RW,
+        MemType::Normal,
+        PAGES,
+    )
+    .unwrap();
     // Identical: idempotent, no TLBI.
-    s2.map(ipa, PhysAddr(0x1000_0000), KIB4, Perms::RW, MemType::Normal, PAGES).unwrap();
+    s2.map(
+        ipa,
+        PhysAddr(0x1000_0000),
+        KIB4,
+        Perms::RW,
+        MemType::Normal,
+        PAGES,
+    )
+    .unwrap();
     assert!(tlb.take().is_empty());
     // Different output: break, invalidate, make.
-    s2.map(ipa, PhysAddr(0x2000_0000), KIB4, Perms::RW, MemType::Normal, PAGES).unwrap();
+    s2.map(
+        ipa,
+        PhysAddr(0x2000_0000),
+        KIB4,
+        Perms::RW,
+        MemType::Normal,
+        PAGES,
+    )
+    .unwrap();
     assert_eq!(
         tlb.take(),
         [
-            TlbEvent::Ipa { ipa, level: 3, entry: Some(LOCKED) },
-            TlbEvent::Vmid { entry: Some(LOCKED) },
+            TlbEvent::Ipa {
+                ipa,
+                level: 3,
+                entry: Some(LOCKED)
+            },
+            TlbEvent::Vmid {
+                entry: Some(LOCKED)
+            },
         ]
     );
     assert_eq!(s2.translate(ipa).unwrap().pa, PhysAddr(0x2000_0000));
     assert_eq!(s2.mapped_pages(), 1);
     // A page with a different output inside a live block: split, then BBM.
     let blk = Ipa(0x4020_0000);
-    s2.map(blk, PhysAddr(0x3000_0000), MIB2, Perms::RW, MemType::Normal, BLOCKS).unwrap();
+    s2.map(
+        blk,
+        PhysAddr(0x3000_0000),
+        MIB2,
+        Perms::RW,
+        MemType::Normal,
+        BLOCKS,
+    )
+    .unwrap();
     tlb.take();
-    s2.map(Ipa(0x4030_0000), PhysAddr(0x5000_0000), KIB4, Perms::READ, MemType::Normal, BLOCKS)
-        .unwrap();
+    s2.map(
+        Ipa(0x4030_0000),
+        PhysAddr(0x5000_0000),
+        KIB4,
+        Perms::READ,
+        MemType::Normal,
+        BLOCKS,
+    )
+    .unwrap();
     let levels: Vec<_> = tlb
         .take()
         .into_iter()
@@ -203,16 +364,38 @@ fn remap_uses_break_before_make() {
         .collect();
     assert_eq!(levels, [(2, Some(LOCKED)), (3, Some(LOCKED))]);
     let t = s2.translate(Ipa(0x4030_0000)).unwrap();
-    assert_eq!((t.pa, t.perms, t.level), (PhysAddr(0x5000_0000), Perms::READ, 3));
+    assert_eq!(
+        (t.pa, t.perms, t.level),
+        (PhysAddr(0x5000_0000), Perms::READ, 3)
+    );
     assert_eq!(s2.translate(Ipa(0x4030_1000)), rw(3, 0x3010_1000));
     assert_eq!(s2.mapped_pages(), 513);
     // Mapping a page identical to part of a block does not split it.
     let tables = s2.table_pages();
-    s2.map(Ipa(GIB1 * 2), PhysAddr(GIB1), MIB2, Perms::RW, MemType::Normal, BLOCKS).unwrap();
-    s2.map(Ipa(GIB1 * 2 + KIB4), PhysAddr(GIB1 + KIB4), KIB4, Perms::RW, MemType::Normal, PAGES)
-        .unwrap();
+    s2.map(
+        Ipa(GIB1 * 2),
+        PhysAddr(GIB1),
+        MIB2,
+        Perms::RW,
+        MemType::Normal,
+        BLOCKS,
+    )
+    .unwrap();
+    s2.map(
+        Ipa(GIB1 * 2 + KIB4),
+        PhysAddr(GIB1 + KIB4),
+        KIB4,
+        Perms::RW,
+        MemType::Normal,
+        PAGES,
+    )
+    .unwrap();
     assert_eq!(s2.translate(Ipa(GIB1 * 2 + KIB4)), rw(2, GIB1 + KIB4));
-    assert_eq!(s2.table_pages(), tables + 1, "a level-2 table, no level-3 one");
+    assert_eq!(
+        s2.table_pages(),
+        tables + 1,
+        "a level-2 table, no level-3 one"
+    );
 }
 
 #[test]
@@ -228,7 +411,15 @@ fn unmap_everything_frees_every_table_once() {
     ];
     for (i, &(ipa, size)) in ranges.iter().enumerate() {
         let flags = if i % 2 == 0 { PAGES } else { BLOCKS };
-        s2.map(Ipa(ipa), PhysAddr(ipa), size, Perms::RW, MemType::Normal, flags).unwrap();
+        s2.map(
+            Ipa(ipa),
+            PhysAddr(ipa),
+            size,
+            Perms::RW,
+            MemType::Normal,
+            flags,
+        )
+        .unwrap();
     }
     let mapped: u64 = ranges.iter().map(|r| r.1 / KIB4).sum();
     assert_eq!(s2.mapped_pages(), mapped);
@@ -257,8 +448,24 @@ fn drop_frees_all_tables() {
     let alloc = HostAlloc::new();
     let tlb = RecordingTlb::new(&alloc, false);
     let s2 = new_s2(&alloc, &tlb);
-    s2.map(Ipa(0), PhysAddr(0), 4 * MIB2 + KIB4, Perms::RW, MemType::Normal, PAGES).unwrap();
-    s2.map(Ipa(0x80_0000_0000), PhysAddr(0), KIB4, Perms::RW, MemType::Normal, PAGES).unwrap();
+    s2.map(
+        Ipa(0),
+        PhysAddr(0),
+        4 * MIB2 + KIB4,
+        Perms::RW,
+        MemType::Normal,
+        PAGES,
+    )
+    .unwrap();
+    s2.map(
+        Ipa(0x80_0000_0000),
+        PhysAddr(0),
+        KIB4,
+        Perms::RW,
+        MemType::Normal,
+        PAGES,
+    )
+    .unwrap();
     assert!(alloc.live() > 5);
     drop(s2);
     let (allocs, frees) = alloc.counts();
@@ -272,30 +479,89 @@ fn bad_input_is_rejected() {
     let s2 = new_s2(&alloc, &tlb);
     let map = |ipa, pa, size, perms, mem| s2.map(Ipa(ipa), PhysAddr(pa), size, perms, mem, BLOCKS);
     let n = MemType::Normal;
-    assert_eq!(map(0x4000_0800, 0, KIB4, Perms::RW, n), Err(MapError::Unaligned(Ipa(0x4000_0800))));
-    assert_eq!(map(0, 0x10, KIB4, Perms::RW, n), Err(MapError::UnalignedPhys(PhysAddr(0x10))));
-    assert_eq!(map(0, 0, 0x1800, Perms::RW, n), Err(MapError::UnalignedSize(0x1800)));
-    assert_eq!(map(0x1000, 0, 0, Perms::RW, n), Err(MapError::ZeroSize(Ipa(0x1000))));
-    let oor = |ipa, size| Err(MapError::OutOfRange { ipa: Ipa(ipa), size });
+    assert_eq!(
+        map(0x4000_0800, 0, KIB4, Perms::RW, n),
+        Err(MapError::Unaligned(Ipa(0x4000_0800)))
+    );
+    assert_eq!(
+        map(0, 0x10, KIB4, Perms::RW, n),
+        Err(MapError::UnalignedPhys(PhysAddr(0x10)))
+    );
+    assert_eq!(
+        map(0, 0, 0x1800, Perms::RW, n),
+        Err(MapError::UnalignedSize(0x1800))
+    );
+    assert_eq!(
+        map(0x1000, 0, 0, Perms::RW, n),
+        Err(MapError::ZeroSize(Ipa(0x1000)))
+    );
+    let oor = |ipa, size| {
+        Err(MapError::OutOfRange {
+            ipa: Ipa(ipa),
+            size,
+        })
+    };
     assert_eq!(map(1 << 40, 0, KIB4, Perms::RW, n), oor(1 << 40, KIB4));
-    assert_eq!(map((1 << 40) - KIB4, 0, 2 * KIB4, Perms::RW, n), oor((1 << 40) - KIB4, 2 * KIB4));
-    assert_eq!(map(u64::MAX - 0xfff, 0, KIB4, Perms::RW, n), Err(MapError::Unaligned(Ipa(u64::MAX - 0xfff))));
-    assert_eq!(map(0xffff_ffff_ffff_f000, 0, KIB4, Perms::RW, n), oor(0xffff_ffff_ffff_f000, KIB4));
-    assert_eq!(map(KIB4, 0, u64::MAX - 0xfff, Perms::RW, n), oor(KIB4, u64::MAX - 0xfff));
-    let pa_oor = |pa, size| Err(MapError::PhysOutOfRange { pa: PhysAddr(pa), size });
+    assert_eq!(
+        map((1 << 40) - KIB4, 0, 2 * KIB4, Perms::RW, n),
+        oor((1 << 40) - KIB4, 2 * KIB4)
+    );
+    assert_eq!(
+        map(u64::MAX - 0x7ff, 0, KIB4, Perms::RW, n),
+        Err(MapError::Unaligned(Ipa(u64::MAX - 0x7ff)))
+    );
+    assert_eq!(
+        map(0xffff_ffff_ffff_f000, 0, KIB4, Perms::RW, n),
+        oor(0xffff_ffff_ffff_f000, KIB4)
+    );
+    assert_eq!(
+        map(KIB4, 0, u64::MAX - 0xfff, Perms::RW, n),
+        oor(KIB4, u64::MAX - 0xfff)
+    );
+    let pa_oor = |pa, size| {
+        Err(MapError::PhysOutOfRange {
+            pa: PhysAddr(pa),
+            size,
+        })
+    };
     assert_eq!(map(0, 1 << 48, KIB4, Perms::RW, n), pa_oor(1 << 48, KIB4));
-    assert_eq!(map(0, u64::MAX - 0xfff, KIB4, Perms::RW, n), pa_oor(u64::MAX - 0xfff, KIB4));
-    assert_eq!(map(0, 0, KIB4, Perms::RWX, MemType::Device), Err(MapError::ExecutableDevice(Ipa(0))));
-    assert_eq!(s2.unmap(Ipa(0x10), KIB4), Err(MapError::Unaligned(Ipa(0x10))));
+    assert_eq!(
+        map(0, u64::MAX - 0xfff, KIB4, Perms::RW, n),
+        pa_oor(u64::MAX - 0xfff, KIB4)
+    );
+    assert_eq!(
+        map(0, 0, KIB4, Perms::RWX, MemType::Device),
+        Err(MapError::ExecutableDevice(Ipa(0)))
+    );
+    assert_eq!(
+        s2.unmap(Ipa(0x10), KIB4),
+        Err(MapError::Unaligned(Ipa(0x10)))
+    );
     assert_eq!(s2.unmap(Ipa(0), 0), Err(MapError::ZeroSize(Ipa(0))));
-    assert_eq!(s2.protect(Ipa(1 << 40), KIB4, Perms::READ), oor(1 << 40, KIB4));
+    assert_eq!(
+        s2.protect(Ipa(1 << 40), KIB4, Perms::READ),
+        oor(1 << 40, KIB4)
+    );
     assert_eq!(s2.translate(Ipa(u64::MAX)), None);
     assert!(!s2.set_access_flag(Ipa(1 << 40)));
     assert_eq!(s2.test_and_clear_young(Ipa(u64::MAX)), None);
-    assert_eq!((s2.table_pages(), s2.mapped_pages()), (1, 0), "nothing was touched");
+    assert_eq!(
+        (s2.table_pages(), s2.mapped_pages()),
+        (1, 0),
+        "nothing was touched"
+    );
     // Errors print their payload.
-    let text = std::format!("{}", MapError::OutOfRange { ipa: Ipa(1 << 40), size: KIB4 });
-    assert_eq!(text, "IPA range 0x10000000000+0x1000 is outside the IPA space");
+    let text = std::format!(
+        "{}",
+        MapError::OutOfRange {
+            ipa: Ipa(1 << 40),
+            size: KIB4
+        }
+    );
+    assert_eq!(
+        text,
+        "IPA range 0x10000000000+0x1000 is outside the IPA space"
+    );
 }
 
 #[test]
@@ -311,13 +577,17 @@ fn out_of_table_pages() {
     );
     assert_eq!((s2.mapped_pages(), s2.table_pages()), (0, 3));
     // A 2 MiB block fits in the tables there are.
-    s2.map(ipa, PhysAddr(0), MIB2, Perms::RW, MemType::Normal, BLOCKS).unwrap();
+    s2.map(ipa, PhysAddr(0), MIB2, Perms::RW, MemType::Normal, BLOCKS)
+        .unwrap();
     // Splitting it needs a fourth table: refused, block intact.
     assert_eq!(s2.unmap(ipa, KIB4), Err(MapError::NoMemory));
     assert_eq!(s2.translate(ipa).map(|t| t.level), Some(2));
     // Unmapping the whole block reclaims the empty tables.
     s2.unmap(ipa, MIB2).unwrap();
-    assert_eq!((s2.mapped_pages(), s2.table_pages(), alloc.live()), (0, 1, 1));
+    assert_eq!(
+        (s2.mapped_pages(), s2.table_pages(), alloc.live()),
+        (0, 1, 1)
+    );
 }
 
 #[test]
@@ -329,13 +599,28 @@ fn access_flag() {
         af: false,
         allow_blocks: true,
     };
-    s2.map(Ipa(0x4000_0000), PhysAddr(0x4000_0000), MIB2, Perms::RW, MemType::Normal, old).unwrap();
+    s2.map(
+        Ipa(0x4000_0000),
+        PhysAddr(0x4000_0000),
+        MIB2,
+        Perms::RW,
+        MemType::Normal,
+        old,
+    )
+    .unwrap();
     let probe = Ipa(0x4012_3000);
     assert_eq!(s2.translate(probe).map(|t| t.af), Some(false));
     assert_eq!(s2.test_and_clear_young(probe), Some(false));
     assert!(s2.set_access_flag(probe));
-    assert_eq!(s2.translate(Ipa(0x4000_0000)).map(|t| t.af), Some(true), "the whole block");
-    assert_eq!(alloc.read_entry(s2.root(), probe, 2), Some(0x0040_0000_4000_07fd));
+    assert_eq!(
+        s2.translate(Ipa(0x4000_0000)).map(|t| t.af),
+        Some(true),
+        "the whole block"
+    );
+    assert_eq!(
+        alloc.read_entry(s2.root(), probe, 2),
+        Some(0x0040_0000_4000_07fd)
+    );
     assert_eq!(s2.test_and_clear_young(probe), Some(true));
     assert_eq!(s2.test_and_clear_young(probe), Some(false));
     assert!(!s2.set_access_flag(Ipa(0x4020_0000)), "not mapped");
@@ -344,15 +629,30 @@ fn access_flag() {
     // without a TLBI.
     s2.set_access_flag(probe);
     s2.protect(probe, KIB4, Perms::READ).unwrap();
-    assert_eq!(s2.translate(Ipa(0x4000_0000)).map(|t| (t.level, t.af)), Some((3, true)));
+    assert_eq!(
+        s2.translate(Ipa(0x4000_0000)).map(|t| (t.level, t.af)),
+        Some((3, true))
+    );
     s2.test_and_clear_young(Ipa(0x4000_0000));
     tlb.take();
-    let young = MapFlags { af: true, allow_blocks: false };
-    s2.map(Ipa(0x4000_0000), PhysAddr(0x4000_0000), KIB4, Perms::RW, MemType::Normal, young)
-        .unwrap();
+    let young = MapFlags {
+        af: true,
+        allow_blocks: false,
+    };
+    s2.map(
+        Ipa(0x4000_0000),
+        PhysAddr(0x4000_0000),
+        KIB4,
+        Perms::RW,
+        MemType::Normal,
+        young,
+    )
+    .unwrap();
     assert_eq!(s2.translate(Ipa(0x4000_0000)).map(|t| t.af), Some(true));
     assert!(tlb.take().is_empty());
-    assert!(s2.translate(probe).is_some_and(|t| t.af && t.perms == Perms::READ));
+    assert!(s2
+        .translate(probe)
+        .is_some_and(|t| t.af && t.perms == Perms::READ));
 }
 
 #[test]
@@ -360,8 +660,15 @@ fn device_is_never_executable() {
     let alloc = HostAlloc::new();
     let tlb = RecordingTlb::new(&alloc, false);
     let s2 = new_s2(&alloc, &tlb);
-    s2.map(Ipa(0x0900_0000), PhysAddr(0x0900_0000), KIB4, Perms::RW, MemType::Device, PAGES)
-        .unwrap();
+    s2.map(
+        Ipa(0x0900_0000),
+        PhysAddr(0x0900_0000),
+        KIB4,
+        Perms::RW,
+        MemType::Device,
+        PAGES,
+    )
+    .unwrap();
     s2.protect(Ipa(0x0900_0000), KIB4, Perms::RWX).unwrap();
     let t = s2.translate(Ipa(0x0900_0000)).unwrap();
     assert_eq!((t.perms, t.memtype), (Perms::RW, MemType::Device));
@@ -372,15 +679,28 @@ fn dump_lists_tables_and_leaves() {
     let alloc = HostAlloc::new();
     let tlb = RecordingTlb::new(&alloc, false);
     let s2 = new_s2(&alloc, &tlb);
-    s2.map(Ipa(0x4000_0000), PhysAddr(0x8000_0000), MIB2 + KIB4, Perms::RWX, MemType::Normal, BLOCKS)
-        .unwrap();
+    s2.map(
+        Ipa(0x4000_0000),
+        PhysAddr(0x8000_0000),
+        MIB2 + KIB4,
+        Perms::RWX,
+        MemType::Normal,
+        BLOCKS,
+    )
+    .unwrap();
     let mut out = String::new();
     s2.dump(&mut out).unwrap();
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 5, "{out}");
     assert!(lines[0].starts_with("L0 0x000000000000 table -> "), "{out}");
     assert!(lines[1].starts_with("L1 0x000040000000 table -> "), "{out}");
-    assert_eq!(lines[2], "L2 0x000040000000 block -> 0x000080000000 rwx normal af");
+    assert_eq!(
+        lines[2],
+        "L2 0x000040000000 block -> 0x000080000000 rwx normal af"
+    );
     assert!(lines[3].starts_with("L2 0x000040200000 table -> "), "{out}");
-    assert_eq!(lines[4], "L3 0x000040200000 page  -> 0x000080200000 rwx normal af");
+    assert_eq!(
+        lines[4],
+        "L3 0x000040200000 page  -> 0x000080200000 rwx normal af"
+    );
 }
