@@ -58,23 +58,23 @@ bitflags! {
         const VALID = 1 << 0;
         /// Bit 1: table (levels 0..=2) or page (level 3); clear for a block.
         const TABLE_OR_PAGE = 1 << 1;
-        /// MemAttr[5:2] field mask.
+        /// `MemAttr[5:2]` field mask.
         const MEMATTR_MASK = 0b1111 << 2;
         /// MemAttr: Normal, outer and inner write-back cacheable.
         const MEMATTR_NORMAL_WB = 0b1111 << 2;
         /// MemAttr: Device-nGnRE.
         const MEMATTR_DEVICE_NGNRE = 0b0001 << 2;
-        /// S2AP[0] (bit 6): the guest may read.
+        /// `S2AP[0]` (bit 6): the guest may read.
         const S2AP_R = 1 << 6;
-        /// S2AP[1] (bit 7): the guest may write.
+        /// `S2AP[1]` (bit 7): the guest may write.
         const S2AP_W = 1 << 7;
-        /// SH[9:8] field mask.
+        /// `SH[9:8]` field mask.
         const SH_MASK = 0b11 << 8;
         /// SH: inner shareable.
         const SH_INNER = 0b11 << 8;
         /// Bit 10: access flag.
         const AF = 1 << 10;
-        /// Bit 54 (XN[1]): execute-never at EL1 and EL0.
+        /// Bit 54 (`XN[1]`): execute-never at EL1 and EL0.
         const XN = 1 << 54;
     }
 }
@@ -161,7 +161,7 @@ impl S2Attrs {
         p
     }
 
-    /// The portable memory type: MemAttr[3:2] == 0b00 is Device memory,
+    /// The portable memory type: `MemAttr[3:2] == 0b00` is Device memory,
     /// anything else Normal.
     pub const fn mem_type(self) -> MemType {
         if self.bits() & (0b1100 << 2) == 0 {

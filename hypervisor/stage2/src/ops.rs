@@ -46,7 +46,7 @@ impl<M: TableAlloc, T: TlbInvalidate> Visitor for MapVisitor<'_, M, T> {
             || (self.allow_blocks
                 && (1..LEAF_LEVEL).contains(&level)
                 && covers_whole(ctx, self.start, self.end)
-                && out % ctx.size() == 0);
+                && out.is_multiple_of(ctx.size()));
         // Only used when `leaf_here`, and then `lo == base`.
         let want = DescView::leaf(PhysAddr(out), self.attrs, level).encode();
         match ctx.view() {
@@ -89,6 +89,9 @@ pub(crate) struct UnmapVisitor<'s, M: TableAlloc, T: TlbInvalidate> {
 impl<M: TableAlloc, T: TlbInvalidate> UnmapVisitor<'_, M, T> {
     /// Unlinks and frees the table `child` under `ctx` if it is empty.
     fn reclaim_table(&mut self, ctx: &VisitCtx<'_>, child: PhysAddr) -> Result<(), MapError> {
+        if !self.s2.table_is_empty(child) {
+            return Ok(());
+        }
         // Lock the parent first, so that nothing can be installed into the
         // table between the emptiness check and the unlink.
         let locked = self.s2.lock_entry(ctx.entry, ctx.old, ctx.ipa, ctx.level)?;

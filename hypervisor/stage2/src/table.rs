@@ -15,7 +15,7 @@
 //!   reader that meets a locked entry reports "not mapped" (the fault path
 //!   retries). Table pages a reader may still be walking stay valid by the
 //!   grace rule of the [`TableAlloc`] contract; every table free goes
-//!   through [`Stage2::retire_table`], the one place where RCU deferral
+//!   through `Stage2::retire_table`, the one place where RCU deferral
 //!   will hook in.
 //! - **Descriptor updates** — an empty slot is filled with a
 //!   compare-exchange (invalid -> new); a table allocated for a slot and
@@ -309,7 +309,7 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
         if !ipa.is_page_aligned() {
             return Err(MapError::Unaligned(ipa));
         }
-        if size % PAGE_SIZE != 0 {
+        if !size.is_multiple_of(PAGE_SIZE) {
             return Err(MapError::UnalignedSize(size));
         }
         match ipa.checked_add(size) {
@@ -555,10 +555,9 @@ impl<M: TableAlloc, T: TlbInvalidate> Drop for Stage2<M, T> {
     fn drop(&mut self) {
         self.tlb.invalidate_vmid();
         let mut visitor = TeardownVisitor { s2: self };
-        let limit = self.ipa_limit();
+        let (limit, flags) = (self.ipa_limit(), WalkFlags::TABLE_POST);
         // SAFETY: `&mut self`: no other walker exists; the teardown visitor
         // frees each table only after its children were walked.
-        let flags = WalkFlags::TABLE_POST;
         let Ok(()) = unsafe { walk(&self.mm, self.root, Ipa(0), limit, flags, &mut visitor) };
         // SAFETY: the root is ours, unreachable once `self` is gone, and the
         // VMID was invalidated above.

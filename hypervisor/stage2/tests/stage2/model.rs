@@ -359,7 +359,7 @@ fn edgy() -> impl Strategy<Value = u64> {
         (0u32..64, -2i64..=2).prop_map(|(s, d)| (1u64 << s).wrapping_add_signed(d)),
         (0u64..32).prop_map(|p| p * KIB4),
         Just(u64::MAX),
-        Just(u64::MAX & !0xfff),
+        Just(!0xfff),
     ]
 }
 
@@ -367,9 +367,9 @@ fn edgy() -> impl Strategy<Value = u64> {
 fn range_rule(ipa: u64, size: u64) -> Result<(), MapError> {
     if size == 0 {
         Err(MapError::ZeroSize(Ipa(ipa)))
-    } else if ipa % KIB4 != 0 {
+    } else if !ipa.is_multiple_of(KIB4) {
         Err(MapError::Unaligned(Ipa(ipa)))
-    } else if size % KIB4 != 0 {
+    } else if !size.is_multiple_of(KIB4) {
         Err(MapError::UnalignedSize(size))
     } else if ipa.checked_add(size).is_none_or(|end| end > 1 << 40) {
         Err(MapError::OutOfRange {
@@ -384,7 +384,7 @@ fn range_rule(ipa: u64, size: u64) -> Result<(), MapError> {
 /// What the rules say about a map.
 fn map_rule(ipa: u64, pa: u64, size: u64, perms: Perms, mem: MemType) -> Result<(), MapError> {
     range_rule(ipa, size)?;
-    if pa % KIB4 != 0 {
+    if !pa.is_multiple_of(KIB4) {
         Err(MapError::UnalignedPhys(PhysAddr(pa)))
     } else if pa.checked_add(size).is_none_or(|end| end > 1 << 48) {
         Err(MapError::PhysOutOfRange {

@@ -608,6 +608,23 @@ fn access_flag() {
         old,
     )
     .unwrap();
+    // Splitting a block keeps its AF (clear here) on every page.
+    let other = Ipa(0x4020_0000);
+    s2.map(
+        other,
+        PhysAddr(0x4020_0000),
+        MIB2,
+        Perms::RW,
+        MemType::Normal,
+        old,
+    )
+    .unwrap();
+    s2.unmap(other, KIB4).unwrap();
+    assert_eq!(
+        s2.translate(Ipa(0x4020_1000)).map(|t| (t.level, t.af)),
+        Some((3, false))
+    );
+    s2.unmap(other, MIB2).unwrap();
     let probe = Ipa(0x4012_3000);
     assert_eq!(s2.translate(probe).map(|t| t.af), Some(false));
     assert_eq!(s2.test_and_clear_young(probe), Some(false));
