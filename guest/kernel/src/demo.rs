@@ -94,7 +94,7 @@ fn fault_outside(system: &System) {
     let (value, abort) = exceptions::with_expected_abort(ipa, || unsafe { mmio::read32(ipa) });
     match abort {
         Some(abort) => log::info!(
-            "fault=outside: read of {:#x} took a synchronous external abort ({abort})",
+            "fault=outside: {:#x} -> synchronous external abort ({abort})",
             ipa.as_u64()
         ),
         None => log::warn!(

@@ -314,8 +314,10 @@ impl AbortRecord {
 }
 
 impl fmt::Display for AbortRecord {
+    /// One compact line (the hypervisor's console wraps lines at 200
+    /// bytes): `ESR=.. EC=.. FSC=.. FAR=.. ELR=..`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ESR_EL1={:#010x} ", self.esr)?;
+        write!(f, "ESR={:#x} ", self.esr)?;
         match self.class() {
             Some(ec) => write!(f, "EC={ec:?}")?,
             None => write!(f, "EC=unknown")?,
@@ -326,10 +328,10 @@ impl fmt::Display for AbortRecord {
             None => write!(f, " FSC={:#04x}", iss.read(ABORT_ISS::FSC))?,
         }
         match self.fault_address() {
-            Some(far) => write!(f, " FAR_EL1={far}")?,
-            None => f.write_str(" FAR_EL1=invalid")?,
+            Some(far) => write!(f, " FAR={:#x}", far.as_u64())?,
+            None => f.write_str(" FAR=invalid")?,
         }
-        write!(f, " ELR_EL1={:#018x}", self.elr)
+        write!(f, " ELR={:#x}", self.elr)
     }
 }
 

@@ -189,15 +189,16 @@ mod kernel {
         for key in &cmdline.unknown {
             log::warn!("unknown command-line key `{key}` ignored");
         }
+        // Separate lines: the hypervisor's console wraps at 200 bytes.
+        log::debug!("bootargs `{}`", platform.bootargs);
         log::debug!(
-            "dtb {} ram {} uart {} cpus {:?} image {} bootargs `{}`",
+            "dtb {} ram {} uart {} image {}",
             platform.dtb,
             platform.ram,
             platform.uart,
-            platform.cpus,
-            image.whole,
-            platform.bootargs
+            image.whole
         );
+        log::debug!("cpus {:?}", platform.cpus);
 
         if let Err(error) = check_image(&image, &platform) {
             power::fatal(&error);
