@@ -51,7 +51,26 @@ pub fn cpu_index() -> usize {
     TPIDR_EL2.get() as usize
 }
 
-/// Address of a linker symbol.
-pub fn symbol_addr(sym: &u8) -> u64 {
-    sym as *const u8 as u64
+/// The image's section boundaries, from the linker script.
+#[derive(Copy, Clone, Debug)]
+pub struct ImageLayout {
+    /// First byte of the image (start of text).
+    pub start: u64,
+    /// End of text = start of read-only data (page aligned).
+    pub text_end: u64,
+    /// End of read-only data = start of writable data (page aligned).
+    pub rodata_end: u64,
+    /// End of the image, BSS included (page aligned).
+    pub end: u64,
+}
+
+/// Reads the section boundaries (taking the address of an extern static
+/// is safe; only the addresses are used, never the bytes).
+pub fn image_layout() -> ImageLayout {
+    ImageLayout {
+        start: &raw const __image_start as u64,
+        text_end: &raw const __text_end as u64,
+        rodata_end: &raw const __rodata_end as u64,
+        end: &raw const __image_end as u64,
+    }
 }

@@ -7,7 +7,7 @@
 //! rodata read-only, everything else in RAM read-write and never
 //! executable, the UART and GIC as device memory.
 
-use crate::boot::{self, __image_end, __image_start, __rodata_end, __text_end};
+use crate::boot;
 use crate::platform::Platform;
 use aarch64_cpu::asm::barrier;
 use aarch64_cpu::registers::{
@@ -48,13 +48,8 @@ static FRAMES: Once<Mutex<FrameAllocator>> = Once::new();
 
 /// The image as a physical range.
 pub fn image_range() -> PhysRange {
-    let start = boot::symbol_addr(
-        // SAFETY: linker symbols; only their addresses are used.
-        unsafe { &__image_start },
-    );
-    // SAFETY: as above.
-    let end = boot::symbol_addr(unsafe { &__image_end });
-    PhysRange::new(hyp_core::addr::PhysAddr(start), end - start)
+    let l = boot::image_layout();
+    PhysRange::new(hyp_core::addr::PhysAddr(l.start), l.end - l.start)
 }
 
 /// Builds the frame allocator over RAM minus `reserved` (plus the image and
@@ -140,13 +135,9 @@ fn region(r: PhysRange) -> MemoryRegion {
 /// Builds the identity map and enables the MMU on the boot CPU.
 pub fn init_mmu(platform: &Platform, parange: u64) -> Result<(), MmuError> {
     let mut idmap = IdMap::new(1, El2);
-    let image = image_range();
-    // SAFETY (all three): linker symbols, only their addresses are used.
-    let text_end = boot::symbol_addr(unsafe { &__text_end }) as usize;
-    // SAFETY: as above.
-    let rodata_end = boot::symbol_addr(unsafe { &__rodata_end }) as usize;
-    let image_start = image.start.as_u64() as usize;
-    let image_end = image.end().as_u64() as usize;
+    let l = boot::image_layout();
+    let (image_start, text_end) = (l.start as usize, l.text_end as usize);
+    let (rodata_end, image_end) = (l.rodata_end as usize, l.end as usize);
     let maps = [
         (MemoryRegion::new(image_start, text_end), CODE),
         (MemoryRegion::new(text_end, rodata_end), RODATA),

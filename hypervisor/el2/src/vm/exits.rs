@@ -6,11 +6,12 @@
 //! class the VM never enables) stops the VM — with a report, never a panic.
 
 use super::mmio::{ConsoleLine, FaultStatus, DABT_ISS};
-use super::{smccc, Vm, VcpuEnd, EXIT_VM_ERROR, SPSR_EL1H_MASKED};
+use super::{smccc, VcpuEnd, Vm, EXIT_VM_ERROR, SPSR_EL1H_MASKED};
 use crate::exceptions::{ExitKind, GuestContext, Syndrome};
 use crate::memory;
 use aarch64_cpu::registers::{
-    Readable, Writeable, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2, HPFAR_EL2, SCTLR_EL1, SPSR_EL1, VBAR_EL1,
+    Readable, Writeable, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2, HPFAR_EL2, SCTLR_EL1,
+    SPSR_EL1, VBAR_EL1,
 };
 use core::sync::atomic::Ordering;
 use hyp_abi::layout;
@@ -46,7 +47,10 @@ pub(super) fn handle(vm: &Vm, index: usize, ctx: &mut GuestContext, kind: ExitKi
         Some(ESR_EL2::EC::Value::HVC64) => smccc::handle_hvc(vm, index, ctx),
         Some(ESR_EL2::EC::Value::SMC64) => {
             // A trapped SMC: ELR points at the instruction itself.
-            warn!("vm0/vcpu{index}: SMC {:#x} at {:#x}: answered NOT_SUPPORTED", ctx.x[0] as u32, ctx.elr);
+            warn!(
+                "vm0/vcpu{index}: SMC {:#x} at {:#x}: answered NOT_SUPPORTED",
+                ctx.x[0] as u32, ctx.elr
+            );
             ctx.x[0] = hyp_abi::error::NOT_SUPPORTED as u64;
             ctx.elr += 4;
             Next::Resume
@@ -55,9 +59,18 @@ pub(super) fn handle(vm: &Vm, index: usize, ctx: &mut GuestContext, kind: ExitKi
             ctx.elr += 4;
             Next::Resume
         }
-        Some(ESR_EL2::EC::Value::DataAbortLowerEL) => guest_abort(vm, index, ctx, esr.read(ESR_EL2::ISS), false),
-        Some(ESR_EL2::EC::Value::InstrAbortLowerEL) => guest_abort(vm, index, ctx, esr.read(ESR_EL2::ISS), true),
-        _ => stop_vm(vm, index, ctx, format_args!("unexpected exit: {}", Syndrome(esr_raw))),
+        Some(ESR_EL2::EC::Value::DataAbortLowerEL) => {
+            guest_abort(vm, index, ctx, esr.read(ESR_EL2::ISS), false)
+        }
+        Some(ESR_EL2::EC::Value::InstrAbortLowerEL) => {
+            guest_abort(vm, index, ctx, esr.read(ESR_EL2::ISS), true)
+        }
+        _ => stop_vm(
+            vm,
+            index,
+            ctx,
+            format_args!("unexpected exit: {}", Syndrome(esr_raw)),
+        ),
     }
 }
 
@@ -104,7 +117,11 @@ fn guest_abort(vm: &Vm, index: usize, ctx: &mut GuestContext, iss: u64, instr: b
             Next::Resume
         }
         _ => {
-            let what = if instr { "instruction fetch" } else { "data access" };
+            let what = if instr {
+                "instruction fetch"
+            } else {
+                "data access"
+            };
             warn!(
                 "vm0/vcpu{index}: {what} at IPA {ipa} ({status:?}) pc={:#x} is outside RAM and devices: injecting a synchronous external abort",
                 ctx.elr
@@ -129,15 +146,31 @@ fn demand_map(vm: &Vm, index: usize, ctx: &GuestContext, page: Ipa) {
     }
     let frame = match memory::alloc_zeroed_frame() {
         Ok(f) => f,
-        Err(e) => stop_vm(vm, index, ctx, format_args!("cannot back guest page {page}: {e}")),
+        Err(e) => stop_vm(
+            vm,
+            index,
+            ctx,
+            format_args!("cannot back guest page {page}: {e}"),
+        ),
     };
     if let Err(e) = vm.map_ram_page(page, frame.start()) {
         memory::free_frame(frame);
-        stop_vm(vm, index, ctx, format_args!("cannot map guest page {page}: {e}"));
+        stop_vm(
+            vm,
+            index,
+            ctx,
+            format_args!("cannot map guest page {page}: {e}"),
+        );
     }
 }
 
-fn emulate_uart(vm: &Vm, index: usize, ctx: &mut GuestContext, iss: LocalRegisterCopy<u64, DABT_ISS::Register>, ipa: Ipa) {
+fn emulate_uart(
+    vm: &Vm,
+    index: usize,
+    ctx: &mut GuestContext,
+    iss: LocalRegisterCopy<u64, DABT_ISS::Register>,
+    ipa: Ipa,
+) {
     if !iss.is_set(DABT_ISS::ISV) {
         warn!("vm0/vcpu{index}: UART access at {ipa} without a valid syndrome (pc={:#x}): injecting an abort", ctx.elr);
         vm.stats.injected_aborts.fetch_add(1, Ordering::Relaxed);
@@ -167,9 +200,9 @@ const FSC_SYNC_EXTERNAL_ABORT: u64 = 0b01_0000;
 fn inject_external_abort(ctx: &mut GuestContext, instr: bool, far: u64) {
     let mode = ctx.spsr & 0xf;
     let (same_el, offset) = match mode {
-        0b0000 => (false, VECTOR_LOWER_A64), // EL0t
+        0b0000 => (false, VECTOR_LOWER_A64),  // EL0t
         0b0100 => (true, VECTOR_CURRENT_SP0), // EL1t
-        _ => (true, VECTOR_CURRENT_SPX),     // EL1h
+        _ => (true, VECTOR_CURRENT_SPX),      // EL1h
     };
     let ec = match (instr, same_el) {
         (false, true) => ESR_EL1::EC::Value::DataAbortCurrentEL,
@@ -177,7 +210,9 @@ fn inject_external_abort(ctx: &mut GuestContext, instr: bool, far: u64) {
         (true, true) => ESR_EL1::EC::Value::InstrAbortCurrentEL,
         (true, false) => ESR_EL1::EC::Value::InstrAbortLowerEL,
     };
-    ESR_EL1.write(ESR_EL1::EC.val(ec as u64) + ESR_EL1::IL::SET + ESR_EL1::ISS.val(FSC_SYNC_EXTERNAL_ABORT));
+    ESR_EL1.write(
+        ESR_EL1::EC.val(ec as u64) + ESR_EL1::IL::SET + ESR_EL1::ISS.val(FSC_SYNC_EXTERNAL_ABORT),
+    );
     FAR_EL1.set(far);
     ELR_EL1.set(ctx.elr);
     SPSR_EL1.set(ctx.spsr);

@@ -88,9 +88,15 @@ pub fn setup_this_cpu(regs: &Stage2Regs, vmpidr: u64) {
             + VTCR_EL2::TG0::Granule4KB
             + VTCR_EL2::PS.val(regs.parange.min(5))
             + VTCR_EL2::VS::Bits8
-            + if regs.hw_af { VTCR_EL2::HA::Enabled } else { VTCR_EL2::HA::Disabled },
+            + if regs.hw_af {
+                VTCR_EL2::HA::Enabled
+            } else {
+                VTCR_EL2::HA::Disabled
+            },
     );
-    VTTBR_EL2.write(VTTBR_EL2::VMID.val(u64::from(regs.vmid)) + VTTBR_EL2::BADDR.val(regs.root.as_u64() >> 1));
+    VTTBR_EL2.write(
+        VTTBR_EL2::VMID.val(u64::from(regs.vmid)) + VTTBR_EL2::BADDR.val(regs.root.as_u64() >> 1),
+    );
     HCR_EL2.write(
         HCR_EL2::VM::Enable
             + HCR_EL2::RW::EL1IsAarch64

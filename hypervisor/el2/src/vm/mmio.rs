@@ -113,4 +113,3 @@ impl ConsoleLine {
         self.buf.is_empty()
     }
 }
-

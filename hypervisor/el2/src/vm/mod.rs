@@ -154,9 +154,19 @@ fn stage2_err(e: impl fmt::Display) -> VmError {
 }
 
 impl Vm {
-    fn create(platform: &Platform, config: &BootConfig, features: &CpuFeatures) -> Result<Self, VmError> {
-        let image = config.guest_image.ok_or(VmError::BadImage("no guest=ADDR+SIZE bootarg"))?;
-        if !platform.ram.iter().any(|r| r.contains(image.start) && r.contains(PhysAddr(image.end().as_u64() - 1))) {
+    fn create(
+        platform: &Platform,
+        config: &BootConfig,
+        features: &CpuFeatures,
+    ) -> Result<Self, VmError> {
+        let image = config
+            .guest_image
+            .ok_or(VmError::BadImage("no guest=ADDR+SIZE bootarg"))?;
+        if !platform
+            .ram
+            .iter()
+            .any(|r| r.contains(image.start) && r.contains(PhysAddr(image.end().as_u64() - 1)))
+        {
             return Err(VmError::BadImage("not inside RAM"));
         }
         if image.overlaps(&memory::image_range()) || image.overlaps(&platform.dtb) {
@@ -184,7 +194,11 @@ impl Vm {
                 features.hafdbs >= 1
             }
         };
-        let af_mode = if hw_af { AfMode::Hardware } else { AfMode::Software };
+        let af_mode = if hw_af {
+            AfMode::Hardware
+        } else {
+            AfMode::Software
+        };
 
         let online = crate::smp::online_cpus();
         let nvcpus = match config.guest_cpus as usize {
@@ -200,14 +214,19 @@ impl Vm {
             .enumerate()
             .map(|(i, c)| Vcpu {
                 mpidr: (1 << 31) | c.mpidr,
-                state: AtomicU8::new(if i == 0 { PowerState::On } else { PowerState::Off } as u8),
+                state: AtomicU8::new(if i == 0 {
+                    PowerState::On
+                } else {
+                    PowerState::Off
+                } as u8),
                 entry: AtomicU64::new(0),
                 context_id: AtomicU64::new(0),
                 console: Mutex::new(mmio::ConsoleLine::default()),
             })
             .collect::<Vec<_>>();
 
-        let stage2 = Stage2::new(features.ipa_bits() as u8, hw::FrameTables, hw::VmidTlb).map_err(stage2_err)?;
+        let stage2 = Stage2::new(features.ipa_bits() as u8, hw::FrameTables, hw::VmidTlb)
+            .map_err(stage2_err)?;
         let regs = hw::Stage2Regs {
             ipa_bits: features.ipa_bits(),
             parange: features.parange,
@@ -235,7 +254,11 @@ impl Vm {
         })
         .map_err(VmError::Dtb)?;
         vm.load(Ipa(layout::DTB_IPA), dtb.as_ptr(), dtb.len() as u64)?;
-        vm.load(Ipa(layout::IMAGE_IPA), image.start.as_u64() as *const u8, image.size)?;
+        vm.load(
+            Ipa(layout::IMAGE_IPA),
+            image.start.as_u64() as *const u8,
+            image.size,
+        )?;
         info!(
             "vm0: {} vCPUs, RAM {:#x}+{:#x}, image {} bytes from {}, AF {:?}, IPA {} bits",
             vm.vcpus.len(),
@@ -260,7 +283,11 @@ impl Vm {
             // module or the DTB vector), the frame is fresh and identity
             // mapped; the two do not overlap.
             unsafe {
-                core::ptr::copy_nonoverlapping(src.add(off as usize), frame.start().as_u64() as *mut u8, n as usize);
+                core::ptr::copy_nonoverlapping(
+                    src.add(off as usize),
+                    frame.start().as_u64() as *mut u8,
+                    n as usize,
+                );
             }
             clean_dcache_page(frame.start());
             self.map_ram_page(ipa.add(off), frame.start())?;
@@ -271,7 +298,17 @@ impl Vm {
 
     fn map_ram_page(&self, ipa: Ipa, pa: PhysAddr) -> Result<(), VmError> {
         self.stage2
-            .map(ipa, pa, PAGE_SIZE, Perms::RWX, MemType::Normal, MapFlags { af: false, allow_blocks: false })
+            .map(
+                ipa,
+                pa,
+                PAGE_SIZE,
+                Perms::RWX,
+                MemType::Normal,
+                MapFlags {
+                    af: false,
+                    allow_blocks: false,
+                },
+            )
             .map_err(stage2_err)?;
         self.stats.mapped_frames.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -294,7 +331,7 @@ impl Vm {
         crate::println!(
             "hyp: vm0 stats mapped_frames={} mapped_mib={} ram_mib={} stage2_faults={} af_faults={} injected_aborts={} af={:?}",
             frames,
-            frames * PAGE_SIZE >> 20,
+            (frames * PAGE_SIZE) >> 20,
             self.ram_size >> 20,
             self.stats.stage2_faults.load(Ordering::Relaxed),
             self.stats.af_faults.load(Ordering::Relaxed),

@@ -49,14 +49,20 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
         psci_ids::PSCI_FEATURES => {
             let q = args[0] as u32;
             let ok = PSCI_IMPLEMENTED.contains(&q) || q == SMCCC_VERSION;
-            set(&[if ok { 0 } else { psci_code(psci_err::NOT_SUPPORTED) }]);
+            set(&[if ok {
+                0
+            } else {
+                psci_code(psci_err::NOT_SUPPORTED)
+            }]);
         }
         psci_ids::PSCI_CPU_ON_64 | psci_ids::PSCI_CPU_ON_32 => set(&[cpu_on(vm, index, args)]),
         psci_ids::PSCI_AFFINITY_INFO_64 | psci_ids::PSCI_AFFINITY_INFO_32 => {
             set(&[affinity_info(vm, args[0], args[1])])
         }
         psci_ids::PSCI_CPU_OFF => {
-            vm.vcpus[index].state.store(PowerState::Off as u8, Ordering::Release);
+            vm.vcpus[index]
+                .state
+                .store(PowerState::Off as u8, Ordering::Release);
             return Next::Stop(VcpuEnd::Off);
         }
         psci_ids::PSCI_SYSTEM_OFF => {
@@ -71,7 +77,10 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
         }
         func::CALL_UID => set(&HYP_UID.map(u64::from)),
         func::REVISION => set(&[u64::from(REVISION.0), u64::from(REVISION.1)]),
-        func::FEATURES => set(&[feature::FEATURES | feature::EXIT | feature::STATS, af_mode(vm) as u64]),
+        func::FEATURES => set(&[
+            feature::FEATURES | feature::EXIT | feature::STATS,
+            af_mode(vm) as u64,
+        ]),
         func::STATS => set(&[
             error::SUCCESS as u64,
             vm.stats.mapped_frames.load(Ordering::Relaxed),
@@ -85,7 +94,10 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
                 crate::power::exit_qemu(code)
             }
             Err(_) => {
-                warn!("vm0/vcpu{index}: EXIT({:#x}): code out of range 0..=255", args[0]);
+                warn!(
+                    "vm0/vcpu{index}: EXIT({:#x}): code out of range 0..=255",
+                    args[0]
+                );
                 set(&[error::INVALID_PARAMETER as u64]);
             }
         },
@@ -101,7 +113,9 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
 /// Index of the vCPU whose MPIDR affinity is `mpidr`.
 fn find_vcpu(vm: &Vm, mpidr: u64) -> Option<usize> {
     const AFF_MASK: u64 = 0xff_00ff_ffff;
-    vm.vcpus.iter().position(|v| v.mpidr & AFF_MASK == mpidr & AFF_MASK)
+    vm.vcpus
+        .iter()
+        .position(|v| v.mpidr & AFF_MASK == mpidr & AFF_MASK)
 }
 
 /// PSCI CPU_ON(target, entry, context_id).
@@ -125,7 +139,8 @@ fn cpu_on(vm: &Vm, index: usize, [target, entry, context_id]: [u64; 3]) -> u64 {
             vcpu.entry.store(entry, Ordering::Relaxed);
             vcpu.context_id.store(context_id, Ordering::Relaxed);
             // Publishes entry and context id to the target's idle loop.
-            vcpu.state.store(PowerState::Pending as u8, Ordering::Release);
+            vcpu.state
+                .store(PowerState::Pending as u8, Ordering::Release);
             aarch64_cpu::asm::sev();
             0
         }
