@@ -29,6 +29,13 @@ pub mod layout {
     pub const UART_IPA: u64 = 0x0900_0000;
     /// Size of the UART window.
     pub const UART_SIZE: u64 = 0x1000;
+    /// An IPA that is guaranteed to be neither RAM nor a device: any access
+    /// to it is answered with a synchronous external abort injected at EL1
+    /// (tests use it to check exactly that).
+    pub const UNBACKED_IPA: u64 = 0x2000_0000;
+    /// Longest console line the emulated UART prints in one piece; a longer
+    /// one is printed in pieces, each but the last ending in ` \`.
+    pub const UART_MAX_LINE: usize = 200;
 }
 
 /// SMCCC conventions used by the vendor service.

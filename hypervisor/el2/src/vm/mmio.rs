@@ -62,7 +62,7 @@ impl FaultStatus {
 const UARTDR: u64 = 0x000;
 const UARTFR: u64 = 0x018;
 /// Longest line kept before it is printed anyway (marked as continued).
-const MAX_LINE: usize = 200;
+const MAX_LINE: usize = hyp_abi::layout::UART_MAX_LINE;
 
 /// One vCPU's console line buffer.
 #[derive(Debug, Default)]
