@@ -141,24 +141,9 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
     Ok(cmdline)
 }
 
-/// Parses `4096`, `0x1000`, `64K`, `64M`, `1G` (suffixes are powers of
-/// 1024, case-insensitive). `None` on syntax error or overflow.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let (digits, shift) = match text.as_bytes().last()? {
-        b'k' | b'K' => (&text[..text.len() - 1], 10),
-        b'm' | b'M' => (&text[..text.len() - 1], 20),
-        b'g' | b'G' => (&text[..text.len() - 1], 30),
-        _ => (text, 0),
-    };
-    let value = match digits
-        .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        Some(hex) => u64::from_str_radix(hex, 16).ok()?,
-        None => digits.parse::<u64>().ok()?,
-    };
-    value.checked_mul(1u64 << shift)
-}
+/// Sizes are written as for the hypervisor's bootargs: `4096`, `0x1000`,
+/// `64K`, `64M`, `1G` (one parser for both, in `hyp-core`).
+pub use hyp_core::bootargs::parse_size;
 
 #[cfg(test)]
 mod tests {

@@ -6,17 +6,19 @@
 //! [`handle_exception`]; the context is restored from the frame on return,
 //! so a handler may resume the interrupted code transparently.
 //!
-//! Policy: the only exception the kernel survives is a synchronous external
-//! abort on a data access that the code announced beforehand with
-//! [`with_expected_abort`] (this is how the hypervisor answers an access
-//! outside RAM and devices). It is recorded and the faulting instruction is
-//! skipped. Anything else is reported (class, syndrome, `FAR_EL1`,
-//! `ELR_EL1`) and ends the machine with [`ExitCode::UnhandledException`].
-//! Interrupts stay masked: the kernel uses none.
+//! Policy: the only exceptions the kernel survives are those the code
+//! announced beforehand with [`with_expected`] (see [`Expected`]): a
+//! synchronous external abort on a data access (how the hypervisor answers
+//! an access outside RAM and devices), or an Undefined Instruction
+//! exception (`ESR_EL1.EC` = 0, e.g. an unimplemented system register).
+//! It is recorded and the faulting instruction is skipped. Anything else is
+//! reported (class, syndrome, `FAR_EL1`, `ELR_EL1`) and ends the machine
+//! with [`ExitCode::UnhandledException`]. Interrupts stay masked: the
+//! kernel uses none.
 
 use core::fmt;
 use core::mem::{offset_of, size_of};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use aarch64_cpu::registers::{Readable, ESR_EL1, FAR_EL1};
 use tock_registers::{register_bitfields, LocalRegisterCopy};
@@ -272,7 +274,8 @@ fn decode_vector(vector: u64) -> (Origin, Kind) {
     (origin, kind)
 }
 
-/// A synchronous abort, as the handler saw it.
+/// A synchronous exception (an abort, or an Undefined Instruction
+/// exception), as the handler saw it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct AbortRecord {
     /// `ESR_EL1`.
@@ -307,6 +310,13 @@ impl AbortRecord {
             )
     }
 
+    /// Whether this is an Undefined Instruction exception taken from the
+    /// current EL (`ESR_EL1.EC` = 0, "Unknown reason"): what an EL1 access
+    /// to an unimplemented system register raises.
+    pub fn is_undefined(&self) -> bool {
+        matches!(self.class(), Some(ESR_EL1::EC::Value::Unknown))
+    }
+
     /// `FAR_EL1`, when the syndrome says it is valid.
     pub fn fault_address(&self) -> Option<PhysAddr> {
         (!self.iss().is_set(ABORT_ISS::FNV)).then_some(PhysAddr(self.far))
@@ -315,35 +325,59 @@ impl AbortRecord {
 
 impl fmt::Display for AbortRecord {
     /// One compact line (the hypervisor's console wraps lines at 200
-    /// bytes): `ESR=.. EC=.. FSC=.. FAR=.. ELR=..`.
+    /// bytes): `ESR=.. EC=.. FSC=.. FAR=.. ELR=..` (no `FSC`/`FAR` for an
+    /// Undefined Instruction exception).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ESR={:#x} ", self.esr)?;
         match self.class() {
             Some(ec) => write!(f, "EC={ec:?}")?,
             None => write!(f, "EC=unknown")?,
         }
-        let iss = self.iss();
-        match iss.read_as_enum::<ABORT_ISS::FSC::Value>(ABORT_ISS::FSC) {
-            Some(fsc) => write!(f, " FSC={fsc:?}")?,
-            None => write!(f, " FSC={:#04x}", iss.read(ABORT_ISS::FSC))?,
-        }
-        match self.fault_address() {
-            Some(far) => write!(f, " FAR={:#x}", far.as_u64())?,
-            None => f.write_str(" FAR=invalid")?,
+        // FSC and FAR mean nothing for an Undefined Instruction exception.
+        if !self.is_undefined() {
+            let iss = self.iss();
+            match iss.read_as_enum::<ABORT_ISS::FSC::Value>(ABORT_ISS::FSC) {
+                Some(fsc) => write!(f, " FSC={fsc:?}")?,
+                None => write!(f, " FSC={:#04x}", iss.read(ABORT_ISS::FSC))?,
+            }
+            match self.fault_address() {
+                Some(far) => write!(f, " FAR={:#x}", far.as_u64())?,
+                None => f.write_str(" FAR=invalid")?,
+            }
         }
         write!(f, " ELR={:#x}", self.elr)
     }
 }
 
-/// The single expected-abort slot. At most one CPU arms it at a time
+/// An exception the code announces before provoking it ([`with_expected`]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// A synchronous external abort on a data access to this IPA (`FAR_EL1`
+    /// must match it when the syndrome says it is valid).
+    DataExternalAbort(PhysAddr),
+    /// An Undefined Instruction exception (`ESR_EL1.EC` = 0) raised by the
+    /// instruction at this address, or with `None` by whichever instruction
+    /// raises the next one on this CPU.
+    Undefined(Option<u64>),
+}
+
+/// [`ExpectedSlot::kind`] values.
+const KIND_DATA_EXTERNAL_ABORT: u8 = 0;
+const KIND_UNDEFINED_AT: u8 = 1;
+const KIND_UNDEFINED_NEXT: u8 = 2;
+
+/// The single expected-exception slot. At most one CPU arms it at a time
 /// ([`SLOT_OWNER`]); the handler on that CPU consumes it. All fields are
 /// accessed with sequentially consistent atomics: the slot is armed and
 /// read on the same CPU as the exception, so ordering only has to hold
 /// against that CPU's own exception entry and return, which are context
 /// synchronizing.
-struct ExpectedAbortSlot {
+struct ExpectedSlot {
     armed: AtomicBool,
-    ipa: AtomicU64,
+    /// `KIND_*`: which [`Expected`] variant is armed.
+    kind: AtomicU8,
+    /// The IPA of a `DataExternalAbort`, the PC of an `Undefined(Some(_))`.
+    target: AtomicU64,
     cpu: AtomicU64,
     taken: AtomicBool,
     esr: AtomicU64,
@@ -351,9 +385,10 @@ struct ExpectedAbortSlot {
     elr: AtomicU64,
 }
 
-static SLOT: ExpectedAbortSlot = ExpectedAbortSlot {
+static SLOT: ExpectedSlot = ExpectedSlot {
     armed: AtomicBool::new(false),
-    ipa: AtomicU64::new(0),
+    kind: AtomicU8::new(KIND_DATA_EXTERNAL_ABORT),
+    target: AtomicU64::new(0),
     cpu: AtomicU64::new(0),
     taken: AtomicBool::new(false),
     esr: AtomicU64::new(0),
@@ -365,17 +400,34 @@ static SLOT: ExpectedAbortSlot = ExpectedAbortSlot {
 static SLOT_OWNER: spin::Mutex<()> = spin::Mutex::new(());
 
 /// Runs `access`, which is expected to take a synchronous external abort
-/// on a data access to `ipa`. Such an abort is recorded, the faulting
-/// instruction skipped, and returned alongside `access`'s result (which is
-/// then whatever the skipped load left in its register). `None` if no
-/// abort happened.
+/// on a data access to `ipa`: [`with_expected`] with
+/// [`Expected::DataExternalAbort`].
 pub fn with_expected_abort<R>(
     ipa: PhysAddr,
     access: impl FnOnce() -> R,
 ) -> (R, Option<AbortRecord>) {
+    with_expected(Expected::DataExternalAbort(ipa), access)
+}
+
+/// Runs `access`, which is expected to raise the synchronous exception
+/// `expected` on this CPU. Such an exception is recorded, the faulting
+/// instruction skipped, and the record returned alongside `access`'s result
+/// (which is then whatever the skipped instruction left in its destination
+/// register: its old value). `None` if no such exception happened. At most
+/// one exception is absorbed; any other one is fatal as usual.
+pub fn with_expected<R>(
+    expected: Expected,
+    access: impl FnOnce() -> R,
+) -> (R, Option<AbortRecord>) {
+    let (kind, target) = match expected {
+        Expected::DataExternalAbort(ipa) => (KIND_DATA_EXTERNAL_ABORT, ipa.as_u64()),
+        Expected::Undefined(Some(pc)) => (KIND_UNDEFINED_AT, pc),
+        Expected::Undefined(None) => (KIND_UNDEFINED_NEXT, 0),
+    };
     let _owner = SLOT_OWNER.lock();
     SLOT.taken.store(false, Ordering::SeqCst);
-    SLOT.ipa.store(ipa.as_u64(), Ordering::SeqCst);
+    SLOT.kind.store(kind, Ordering::SeqCst);
+    SLOT.target.store(target, Ordering::SeqCst);
     SLOT.cpu.store(Mpidr::current().as_u64(), Ordering::SeqCst);
     SLOT.armed.store(true, Ordering::SeqCst);
     let result = access();
@@ -388,22 +440,32 @@ pub fn with_expected_abort<R>(
     (result, record)
 }
 
-/// Consumes the expected-abort slot if `abort` is the abort it announced.
-fn take_expected(abort: &AbortRecord) -> bool {
+/// Consumes the expected-exception slot if `exception` is the one it
+/// announced.
+fn take_expected(exception: &AbortRecord) -> bool {
     if !SLOT.armed.load(Ordering::SeqCst)
         || SLOT.cpu.load(Ordering::SeqCst) != Mpidr::current().as_u64()
-        || !abort.is_data_external_abort()
     {
         return false;
     }
-    if let Some(far) = abort.fault_address() {
-        if far.as_u64() != SLOT.ipa.load(Ordering::SeqCst) {
-            return false;
+    let target = SLOT.target.load(Ordering::SeqCst);
+    let announced = match SLOT.kind.load(Ordering::SeqCst) {
+        KIND_DATA_EXTERNAL_ABORT => {
+            exception.is_data_external_abort()
+                && exception
+                    .fault_address()
+                    .is_none_or(|far| far.as_u64() == target)
         }
+        KIND_UNDEFINED_AT => exception.is_undefined() && exception.elr == target,
+        KIND_UNDEFINED_NEXT => exception.is_undefined(),
+        _ => false,
+    };
+    if !announced {
+        return false;
     }
-    SLOT.esr.store(abort.esr, Ordering::SeqCst);
-    SLOT.far.store(abort.far, Ordering::SeqCst);
-    SLOT.elr.store(abort.elr, Ordering::SeqCst);
+    SLOT.esr.store(exception.esr, Ordering::SeqCst);
+    SLOT.far.store(exception.far, Ordering::SeqCst);
+    SLOT.elr.store(exception.elr, Ordering::SeqCst);
     SLOT.taken.store(true, Ordering::SeqCst);
     SLOT.armed.store(false, Ordering::SeqCst);
     true
