@@ -38,7 +38,7 @@ use crate::platform::Platform;
 /// memory map (QEMU `virt` puts its PCIe MMIO window there; our hypervisor
 /// gives the guest nothing there). Mapped as device memory so accesses
 /// reach stage 2.
-pub const UNBACKED_PROBE: PhysAddr = PhysAddr(0x2000_0000);
+pub const UNBACKED_PROBE: PhysAddr = PhysAddr(hyp_abi::layout::UNBACKED_IPA);
 
 /// ASID of the kernel's address space.
 const ASID: usize = 1;
