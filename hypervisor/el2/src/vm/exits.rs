@@ -6,12 +6,12 @@
 //! class the VM never enables) stops the VM — with a report, never a panic.
 
 use super::mmio::{ConsoleLine, FaultStatus, DABT_ISS};
-use super::{smccc, VcpuEnd, Vm, EXIT_VM_ERROR, SPSR_EL1H_MASKED};
+use super::{smccc, spsr_el1h_masked, VcpuEnd, Vm, EXIT_VM_ERROR};
 use crate::exceptions::{ExitKind, GuestContext, Syndrome};
 use crate::memory;
 use aarch64_cpu::registers::{
     Readable, Writeable, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2, HPFAR_EL2, SCTLR_EL1,
-    SPSR_EL1, VBAR_EL1,
+    SPSR_EL1, SPSR_EL2, VBAR_EL1,
 };
 use core::sync::atomic::Ordering;
 use hyp_abi::layout;
@@ -198,11 +198,11 @@ const FSC_SYNC_EXTERNAL_ABORT: u64 = 0b01_0000;
 /// Delivers a synchronous external abort to the guest's EL1 vectors, as
 /// the hardware would for an access nothing answers.
 fn inject_external_abort(ctx: &mut GuestContext, instr: bool, far: u64) {
-    let mode = ctx.spsr & 0xf;
-    let (same_el, offset) = match mode {
-        0b0000 => (false, VECTOR_LOWER_A64),  // EL0t
-        0b0100 => (true, VECTOR_CURRENT_SP0), // EL1t
-        _ => (true, VECTOR_CURRENT_SPX),      // EL1h
+    let spsr: LocalRegisterCopy<u64, SPSR_EL2::Register> = LocalRegisterCopy::new(ctx.spsr);
+    let (same_el, offset) = match spsr.read_as_enum(SPSR_EL2::M) {
+        Some(SPSR_EL2::M::Value::EL0t) => (false, VECTOR_LOWER_A64),
+        Some(SPSR_EL2::M::Value::EL1t) => (true, VECTOR_CURRENT_SP0),
+        _ => (true, VECTOR_CURRENT_SPX),
     };
     let ec = match (instr, same_el) {
         (false, true) => ESR_EL1::EC::Value::DataAbortCurrentEL,
@@ -217,7 +217,7 @@ fn inject_external_abort(ctx: &mut GuestContext, instr: bool, far: u64) {
     ELR_EL1.set(ctx.elr);
     SPSR_EL1.set(ctx.spsr);
     ctx.elr = VBAR_EL1.get() + offset;
-    ctx.spsr = SPSR_EL1H_MASKED;
+    ctx.spsr = spsr_el1h_masked();
 }
 
 /// The AF mode, for FEATURES.

@@ -39,8 +39,21 @@ pub const EXIT_VM_ERROR: u8 = 103;
 
 /// The VM's VMID.
 const VMID: u16 = 1;
-/// PSTATE a vCPU starts in: EL1h, D/A/I/F masked.
-const SPSR_EL1H_MASKED: u64 = 0x3c5;
+/// PSTATE a vCPU starts in (and exceptions are injected in): EL1h,
+/// D/A/I/F masked.
+fn spsr_el1h_masked() -> u64 {
+    use aarch64_cpu::registers::SPSR_EL2;
+    let mut v: tock_registers::LocalRegisterCopy<u64, SPSR_EL2::Register> =
+        tock_registers::LocalRegisterCopy::new(0);
+    v.modify(
+        SPSR_EL2::M::EL1h
+            + SPSR_EL2::D::Masked
+            + SPSR_EL2::A::Masked
+            + SPSR_EL2::I::Masked
+            + SPSR_EL2::F::Masked,
+    );
+    v.get()
+}
 
 /// The stage-2 table type of the VM.
 pub type GuestStage2 = Stage2<hw::FrameTables, hw::VmidTlb>;
@@ -412,7 +425,7 @@ fn idle_loop(vm: &'static Vm, index: usize) -> ! {
 
 fn run_vcpu(vm: &'static Vm, index: usize, entry: u64, arg: u64) {
     exits::reset_el1_state();
-    let mut ctx = GuestContext::new(entry, SPSR_EL1H_MASKED, arg);
+    let mut ctx = GuestContext::new(entry, spsr_el1h_masked(), arg);
     info!("vm0/vcpu{index}: starting at {entry:#x} (x0={arg:#x})");
     loop {
         // SAFETY: stage 2 confines the guest to its RAM (and traps on
