@@ -88,7 +88,10 @@ pub unsafe fn use_pl011(base: PhysAddr) {
 /// Writes one line, prefixed with `[cpuN] `, atomically with respect to
 /// other CPUs.
 pub fn line(args: fmt::Arguments<'_>) {
-    let mut sink = CONSOLE.lock();
+    write_line(&mut CONSOLE.lock(), args);
+}
+
+fn write_line(sink: &mut Sink, args: fmt::Arguments<'_>) {
     let _ = writeln!(sink, "[cpu{}] {}", cpu_index(), args);
 }
 
@@ -97,7 +100,7 @@ pub fn line(args: fmt::Arguments<'_>) {
 pub fn emergency_line(args: fmt::Arguments<'_>) {
     for _ in 0..10_000_000 {
         if let Some(mut sink) = CONSOLE.try_lock() {
-            let _ = writeln!(sink, "[cpu{}] {}", cpu_index(), args);
+            write_line(&mut sink, args);
             return;
         }
         core::hint::spin_loop();
@@ -107,8 +110,7 @@ pub fn emergency_line(args: fmt::Arguments<'_>) {
     // the machine, so breaking the lock cannot hurt more than losing the
     // report would.
     unsafe { CONSOLE.force_unlock() };
-    let mut sink = CONSOLE.lock();
-    let _ = writeln!(sink, "[cpu{}] {}", cpu_index(), args);
+    line(args);
 }
 
 /// `println!` over the console: one whole line per call.

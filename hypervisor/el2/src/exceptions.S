@@ -12,6 +12,25 @@
 .equ FRAME_SIZE, {frame_size}
 .equ HOST_SAVE, 112             // x19..x30 (96 bytes), ctx pointer, padding
 
+// x2..x29 to [base + 16 ..]: both TrapFrame and GuestContext start with
+// x0..x30 at offset 0.
+.macro STORE_X2_X29 base
+    stp     x2, x3, [\base, #16]
+    stp     x4, x5, [\base, #32]
+    stp     x6, x7, [\base, #48]
+    stp     x8, x9, [\base, #64]
+    stp     x10, x11, [\base, #80]
+    stp     x12, x13, [\base, #96]
+    stp     x14, x15, [\base, #112]
+    stp     x16, x17, [\base, #128]
+    stp     x18, x19, [\base, #144]
+    stp     x20, x21, [\base, #160]
+    stp     x22, x23, [\base, #176]
+    stp     x24, x25, [\base, #192]
+    stp     x26, x27, [\base, #208]
+    stp     x28, x29, [\base, #224]
+.endm
+
 .macro CURRENT_EL_ENTRY kind
     .balign 0x80
     sub     sp, sp, #FRAME_SIZE
@@ -50,20 +69,7 @@ el2_vectors:
 
 el2_trap_common:
     // x0 = kind; the frame holds x0/x1 already.
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x19, [sp, #144]
-    stp     x20, x21, [sp, #160]
-    stp     x22, x23, [sp, #176]
-    stp     x24, x25, [sp, #192]
-    stp     x26, x27, [sp, #208]
-    stp     x28, x29, [sp, #224]
+    STORE_X2_X29 sp
     mrs     x1, elr_el2
     stp     x30, x1, [sp, #240]
     mrs     x1, spsr_el2
@@ -135,20 +141,7 @@ vcpu_run:
 guest_exit_common:
     // sp -> [guest x0, guest x1] then the HOST_SAVE block; x0 = kind.
     ldr     x1, [sp, #16 + 96]          // ctx
-    stp     x2, x3, [x1, #16]
-    stp     x4, x5, [x1, #32]
-    stp     x6, x7, [x1, #48]
-    stp     x8, x9, [x1, #64]
-    stp     x10, x11, [x1, #80]
-    stp     x12, x13, [x1, #96]
-    stp     x14, x15, [x1, #112]
-    stp     x16, x17, [x1, #128]
-    stp     x18, x19, [x1, #144]
-    stp     x20, x21, [x1, #160]
-    stp     x22, x23, [x1, #176]
-    stp     x24, x25, [x1, #192]
-    stp     x26, x27, [x1, #208]
-    stp     x28, x29, [x1, #224]
+    STORE_X2_X29 x1
     str     x30, [x1, #240]
     ldp     x2, x3, [sp], #16           // guest x0, x1
     stp     x2, x3, [x1, #0]

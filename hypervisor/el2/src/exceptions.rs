@@ -52,6 +52,11 @@ impl GuestContext {
             fp: [0; 66],
         }
     }
+
+    /// Resumes after the trapped instruction (A64: always 4 bytes).
+    pub fn skip_instruction(&mut self) {
+        self.elr += 4;
+    }
 }
 
 /// Why `vcpu_run` returned: the vector the guest exit came through.

@@ -75,7 +75,7 @@ pub extern "C" fn primary_main(dtb_arg: u64) -> ! {
         fatal(EXIT_BOOT_ERROR, format_args!("hyp: error: {e}"));
     }
     memory::publish_mmu_params();
-    info!("EL2 MMU on, {} MiB heap", memory_heap_mib());
+    info!("EL2 MMU on, {} MiB heap", memory::HEAP_SIZE >> 20);
 
     let cpus = smp::start_secondaries(&platform, SMP_TIMEOUT_MS);
     let (free, _) = memory::frame_counts();
@@ -90,10 +90,6 @@ pub extern "C" fn primary_main(dtb_arg: u64) -> ! {
     }
 
     vm::run_primary(&platform, &config, &features)
-}
-
-fn memory_heap_mib() -> u64 {
-    16
 }
 
 /// The stable one-line boot report that scripts parse.

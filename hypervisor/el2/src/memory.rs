@@ -23,7 +23,7 @@ use hyp_core::frames::{free_ranges, FrameAllocator, FrameError};
 use spin::{Mutex, Once};
 
 /// Heap size: page tables of EL2 and stage 2, VM bookkeeping, allocator metadata.
-const HEAP_SIZE: usize = 16 << 20;
+pub const HEAP_SIZE: usize = 16 << 20;
 
 #[repr(C, align(4096))]
 struct HeapArea([u8; HEAP_SIZE]);
@@ -154,11 +154,6 @@ pub fn init_mmu(platform: &Platform, parange: u64) -> Result<(), MmuError> {
         idmap.map_range(&r, attrs).map_err(MmuError)?;
     }
 
-    MAIR_EL2.write(
-        MAIR_EL2::Attr0_Device::nonGathering_nonReordering_EarlyWriteAck
-            + MAIR_EL2::Attr1_Normal_Outer::WriteBack_NonTransient_ReadWriteAlloc
-            + MAIR_EL2::Attr1_Normal_Inner::WriteBack_NonTransient_ReadWriteAlloc,
-    );
     TCR_EL2.write(
         TCR_EL2::T0SZ.val(64 - VA_BITS)
             + TCR_EL2::TG0::KiB_4
@@ -179,7 +174,8 @@ pub fn init_mmu(platform: &Platform, parange: u64) -> Result<(), MmuError> {
     Ok(())
 }
 
-/// Enables the MMU on the running CPU with the boot CPU's tables.
+/// Enables the MMU on the running CPU with the boot CPU's tables (MAIR_EL2
+/// indices as [`MAIR_DEVICE`] and [`MAIR_NORMAL`] say).
 pub fn enable_mmu_this_cpu() {
     MAIR_EL2.write(
         MAIR_EL2::Attr0_Device::nonGathering_nonReordering_EarlyWriteAck

@@ -22,6 +22,24 @@ pub enum Conduit {
     Hvc,
 }
 
+impl Conduit {
+    /// PSCI `CPU_ON` through this conduit.
+    pub fn cpu_on(self, mpidr: u64, entry: u64, ctx: u64) -> Result<(), smccc::psci::Error> {
+        match self {
+            Self::Smc => smccc::psci::cpu_on::<smccc::Smc>(mpidr, entry, ctx),
+            Self::Hvc => smccc::psci::cpu_on::<smccc::Hvc>(mpidr, entry, ctx),
+        }
+    }
+
+    /// PSCI `SYSTEM_OFF` through this conduit (returns only on failure).
+    pub fn system_off(self) -> Result<(), smccc::psci::Error> {
+        match self {
+            Self::Smc => smccc::psci::system_off::<smccc::Smc>(),
+            Self::Hvc => smccc::psci::system_off::<smccc::Hvc>(),
+        }
+    }
+}
+
 /// A CPU from `/cpus`.
 #[derive(Copy, Clone, Debug)]
 pub struct Cpu {

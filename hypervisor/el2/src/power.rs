@@ -3,7 +3,8 @@
 //! path shared by panics and unexpected exceptions.
 
 use crate::platform::Conduit;
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
+use spin::Once;
 
 /// QEMU exit status of a panic.
 pub const EXIT_PANIC: u8 = 101;
@@ -22,16 +23,12 @@ mod semihosting {
 
 /// Set once a CPU has started to stop the machine; others then stay quiet.
 static STOPPING: AtomicBool = AtomicBool::new(false);
-/// The PSCI conduit, once known from the DTB (0 = unknown, 1 = SMC, 2 = HVC).
-static CONDUIT: AtomicU8 = AtomicU8::new(0);
+/// The PSCI conduit, once known from the DTB.
+static CONDUIT: Once<Conduit> = Once::new();
 
 /// Records the PSCI conduit for [`system_off`].
 pub fn set_conduit(conduit: Conduit) {
-    let v = match conduit {
-        Conduit::Smc => 1,
-        Conduit::Hvc => 2,
-    };
-    CONDUIT.store(v, Ordering::Relaxed);
+    CONDUIT.call_once(|| conduit);
 }
 
 /// Whether some CPU is stopping the machine.
@@ -73,10 +70,9 @@ pub fn exit_qemu(code: u8) -> ! {
 /// Powers the machine off with PSCI `SYSTEM_OFF`; QEMU exits 0.
 pub fn system_off() -> ! {
     STOPPING.store(true, Ordering::Relaxed);
-    let result = match CONDUIT.load(Ordering::Relaxed) {
-        2 => smccc::psci::system_off::<smccc::Hvc>(),
-        _ => smccc::psci::system_off::<smccc::Smc>(),
-    };
+    // Before the DTB is read the conduit is unknown: SMC is what QEMU
+    // `virt` with `virtualization=on` uses.
+    let result = CONDUIT.get().copied().unwrap_or(Conduit::Smc).system_off();
     // SYSTEM_OFF does not return on success.
     crate::console::emergency_line(format_args!("hyp: PSCI SYSTEM_OFF failed: {result:?}"));
     park()

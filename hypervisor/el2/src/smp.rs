@@ -1,19 +1,13 @@
 //! Secondary CPUs: started with PSCI `CPU_ON` through the DTB's conduit,
 //! each on its own stack (`boot.S`) with `TPIDR_EL2` = its DTB index.
 
-use crate::platform::{Conduit, Platform};
+use crate::platform::Platform;
+use aarch64_cpu::registers::Readable;
 use core::sync::atomic::{AtomicUsize, Ordering};
 use log::{error, info};
 
 /// CPUs that have reported in (the boot CPU included).
 static ONLINE: AtomicUsize = AtomicUsize::new(1);
-
-fn cpu_on(conduit: Conduit, mpidr: u64, entry: u64, ctx: u64) -> Result<(), smccc::psci::Error> {
-    match conduit {
-        Conduit::Smc => smccc::psci::cpu_on::<smccc::Smc>(mpidr, entry, ctx),
-        Conduit::Hvc => smccc::psci::cpu_on::<smccc::Hvc>(mpidr, entry, ctx),
-    }
-}
 
 /// Starts every CPU of the DTB but the boot CPU (index 0) and waits up to
 /// `timeout_ms` for them to report in. Returns how many CPUs are online.
@@ -29,7 +23,7 @@ pub fn start_secondaries(platform: &Platform, timeout_ms: u64) -> usize {
             );
             continue;
         }
-        match cpu_on(platform.psci, cpu.mpidr, entry, index as u64) {
+        match platform.psci.cpu_on(cpu.mpidr, entry, index as u64) {
             Ok(()) => expected += 1,
             Err(e) => error!("PSCI CPU_ON cpu{index} mpidr={:#x}: {e:?}", cpu.mpidr),
         }
@@ -69,5 +63,3 @@ pub extern "C" fn secondary_report_in(index: usize) {
     info!("cpu{index} up (mpidr={mpidr:#x})");
     ONLINE.fetch_add(1, Ordering::Release);
 }
-
-use aarch64_cpu::registers::Readable;

@@ -391,13 +391,24 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
         level: u8,
     ) -> Result<(), MapError> {
         let table = self.mm.alloc_table().ok_or(MapError::NoMemory)?;
-        match self.install(
+        let result = self.install(
             entry,
             old,
             DescView::Table { pa: table }.encode(),
             ipa,
             level,
-        ) {
+        );
+        self.account_new_table(table, result)
+    }
+
+    /// Books a freshly allocated `table` once the attempt to publish it
+    /// ended with `result`: counted if published, freed at once if not.
+    fn account_new_table(
+        &self,
+        table: PhysAddr,
+        result: Result<(), MapError>,
+    ) -> Result<(), MapError> {
+        match result {
             Ok(()) => {
                 self.table_pages.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -488,18 +499,7 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
             }
             DescView::Table { pa: table }.encode()
         });
-        match result {
-            Ok(()) => {
-                self.table_pages.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                // SAFETY: `table` came from `alloc_table` and was never
-                // published.
-                unsafe { self.mm.free_table(table) };
-                Err(e)
-            }
-        }
+        self.account_new_table(table, result)
     }
 
     /// Whether every entry of table `pa` is invalid (a locked entry counts

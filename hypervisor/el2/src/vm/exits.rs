@@ -15,7 +15,6 @@ use aarch64_cpu::registers::{
 };
 use core::sync::atomic::Ordering;
 use hyp_abi::layout;
-use hyp_abi::AfMode;
 use hyp_core::addr::{Ipa, PAGE_SIZE};
 use log::warn;
 use tock_registers::LocalRegisterCopy;
@@ -52,11 +51,11 @@ pub(super) fn handle(vm: &Vm, index: usize, ctx: &mut GuestContext, kind: ExitKi
                 ctx.x[0] as u32, ctx.elr
             );
             ctx.x[0] = hyp_abi::error::NOT_SUPPORTED as u64;
-            ctx.elr += 4;
+            ctx.skip_instruction();
             Next::Resume
         }
         Some(ESR_EL2::EC::Value::TrappedWFIorWFE) => {
-            ctx.elr += 4;
+            ctx.skip_instruction();
             Next::Resume
         }
         Some(ESR_EL2::EC::Value::DataAbortLowerEL) => {
@@ -183,9 +182,9 @@ fn emulate_uart(
         let value = if reg == 31 { 0 } else { ctx.x[reg] };
         vm.vcpus[index].console.lock().write(index, offset, value);
     } else if reg != 31 {
-        ctx.x[reg] = ConsoleLine::read(offset);
+        ctx.x[reg] = ConsoleLine::READ_VALUE;
     }
-    ctx.elr += 4;
+    ctx.skip_instruction();
 }
 
 /// Vector offsets in VBAR_EL1.
@@ -218,9 +217,4 @@ fn inject_external_abort(ctx: &mut GuestContext, instr: bool, far: u64) {
     SPSR_EL1.set(ctx.spsr);
     ctx.elr = VBAR_EL1.get() + offset;
     ctx.spsr = spsr_el1h_masked();
-}
-
-/// The AF mode, for FEATURES.
-pub(super) fn af_mode(vm: &Vm) -> AfMode {
-    vm.af_mode
 }

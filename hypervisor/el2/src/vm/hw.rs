@@ -69,8 +69,8 @@ pub struct Stage2Regs {
     pub ipa_bits: u32,
     /// `ID_AA64MMFR0_EL1.PARange` (capped to 48 bits).
     pub parange: u64,
-    /// Hardware Access Flag (VTCR_EL2.HA).
-    pub hw_af: bool,
+    /// Who sets the Access Flag (hardware: VTCR_EL2.HA).
+    pub af: hyp_abi::AfMode,
     /// Root table.
     pub root: PhysAddr,
     /// VMID.
@@ -88,7 +88,7 @@ pub fn setup_this_cpu(regs: &Stage2Regs, vmpidr: u64) {
             + VTCR_EL2::TG0::Granule4KB
             + VTCR_EL2::PS.val(regs.parange.min(5))
             + VTCR_EL2::VS::Bits8
-            + if regs.hw_af {
+            + if regs.af == hyp_abi::AfMode::Hardware {
                 VTCR_EL2::HA::Enabled
             } else {
                 VTCR_EL2::HA::Disabled

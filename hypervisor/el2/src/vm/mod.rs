@@ -99,7 +99,6 @@ struct Vcpu {
 /// Counters of the VM (Relaxed: statistics only).
 #[derive(Debug, Default)]
 struct VmStats {
-    mapped_frames: AtomicU64,
     stage2_faults: AtomicU64,
     af_faults: AtomicU64,
     injected_aborts: AtomicU64,
@@ -110,7 +109,6 @@ pub struct Vm {
     stage2: GuestStage2,
     regs: hw::Stage2Regs,
     ram_size: u64,
-    af_mode: AfMode,
     vcpus: Vec<Vcpu>,
     stats: VmStats,
     /// Serialises the check-then-map of demand paging so two vCPUs faulting
@@ -122,7 +120,7 @@ impl fmt::Debug for Vm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vm")
             .field("ram_size", &self.ram_size)
-            .field("af_mode", &self.af_mode)
+            .field("af", &self.regs.af)
             .field("vcpus", &self.vcpus.len())
             .finish()
     }
@@ -207,7 +205,7 @@ impl Vm {
                 features.hafdbs >= 1
             }
         };
-        let af_mode = if hw_af {
+        let af = if hw_af {
             AfMode::Hardware
         } else {
             AfMode::Software
@@ -243,7 +241,7 @@ impl Vm {
         let regs = hw::Stage2Regs {
             ipa_bits: features.ipa_bits(),
             parange: features.parange,
-            hw_af,
+            af,
             root: stage2.root(),
             vmid: VMID,
         };
@@ -251,7 +249,6 @@ impl Vm {
             stage2,
             regs,
             ram_size,
-            af_mode,
             vcpus,
             stats: VmStats::default(),
             fault_lock: Mutex::new(()),
@@ -279,7 +276,7 @@ impl Vm {
             ram_size,
             image.size,
             image.start,
-            af_mode,
+            af,
             features.ipa_bits()
         );
         Ok(vm)
@@ -323,7 +320,6 @@ impl Vm {
                 },
             )
             .map_err(stage2_err)?;
-        self.stats.mapped_frames.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -340,7 +336,7 @@ impl Vm {
                 c.flush(i, false);
             }
         }
-        let frames = self.stats.mapped_frames.load(Ordering::Relaxed);
+        let frames = self.stage2.mapped_pages();
         crate::println!(
             "hyp: vm0 stats mapped_frames={} mapped_mib={} ram_mib={} stage2_faults={} af_faults={} injected_aborts={} af={:?}",
             frames,
@@ -349,7 +345,7 @@ impl Vm {
             self.stats.stage2_faults.load(Ordering::Relaxed),
             self.stats.af_faults.load(Ordering::Relaxed),
             self.stats.injected_aborts.load(Ordering::Relaxed),
-            self.af_mode,
+            self.regs.af,
         );
     }
 }

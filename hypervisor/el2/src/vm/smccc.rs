@@ -2,7 +2,7 @@
 //! 1.1, and our vendor hypervisor service (hyp-abi). Every argument is
 //! checked; a bad call gets an SMCCC/PSCI error code and a log line.
 
-use super::exits::{af_mode, Next};
+use super::exits::Next;
 use super::{PowerState, VcpuEnd, Vm};
 use crate::exceptions::GuestContext;
 use core::sync::atomic::Ordering;
@@ -79,11 +79,11 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
         func::REVISION => set(&[u64::from(REVISION.0), u64::from(REVISION.1)]),
         func::FEATURES => set(&[
             feature::FEATURES | feature::EXIT | feature::STATS,
-            af_mode(vm) as u64,
+            vm.regs.af as u64,
         ]),
         func::STATS => set(&[
             error::SUCCESS as u64,
-            vm.stats.mapped_frames.load(Ordering::Relaxed),
+            vm.stage2.mapped_pages(),
             vm.stats.stage2_faults.load(Ordering::Relaxed),
             vm.stats.af_faults.load(Ordering::Relaxed),
         ]),
