@@ -96,7 +96,9 @@ impl ConsoleLine {
         if self.buf.is_empty() && continued {
             return;
         }
-        let text = core::str::from_utf8(&self.buf).unwrap_or("<non-UTF-8 output>");
+        // Lossy, not all-or-nothing: a piece split inside a multi-byte
+        // character (or a stray byte) keeps every other character.
+        let text = alloc::string::String::from_utf8_lossy(&self.buf);
         let mark = if continued { " \\" } else { "" };
         crate::println!("vm0/vcpu{vcpu}: {text}{mark}");
         self.buf.clear();
