@@ -308,6 +308,9 @@ impl Descriptor {
 
     /// Publishes `raw` (`Release`).
     pub(crate) fn store(&self, raw: u64) {
+        #[cfg(feature = "check")]
+        crate::check::transition(self.0.swap(raw, Ordering::AcqRel), raw);
+        #[cfg(not(feature = "check"))]
         self.0.store(raw, Ordering::Release);
     }
 
@@ -315,8 +318,14 @@ impl Descriptor {
     /// otherwise returns the value found. `AcqRel` on success, `Acquire`
     /// on failure.
     pub(crate) fn compare_exchange(&self, current: u64, new: u64) -> Result<u64, u64> {
-        self.0
-            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+        let result = self
+            .0
+            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire);
+        #[cfg(feature = "check")]
+        if result.is_ok() {
+            crate::check::transition(current, new);
+        }
+        result
     }
 }
 

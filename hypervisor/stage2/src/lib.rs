@@ -5,8 +5,16 @@
 //!   permissions kept apart from them;
 //! - [`mm`]: the services the user injects (table pages, TLB invalidation);
 //! - [`walk`]: the one walk engine, of which every operation is a visitor;
+//! - [`rcu`]: the RCU domain (QSBR) and deferred-free queue that keep table
+//!   pages alive for lockless walkers;
 //! - [`Stage2`]: the table object with map / unmap / protect / translate /
-//!   access-flag / dump, its writer lock and its concurrency rules.
+//!   access-flag / dump, its writer lock and its concurrency rules;
+//! - [`age`]: the lockless Access-Flag harvester (aging bitmaps);
+//! - [`fault`]: the lockless fault path and page migration;
+//! - [`batch`]: TLB batching with pending frees.
+//!
+//! With the cargo feature `check` (on in the crate's tests), a checker
+//! panics on the bug classes of deferred TLB maintenance (see `check.rs`).
 //!
 //! The crate is `no_std`, contains no inline assembly, and is tested on the
 //! host (`cargo test -p stage2`).
@@ -17,15 +25,26 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod age;
+pub mod batch;
+#[cfg(feature = "check")]
+mod check;
 pub mod desc;
 pub mod error;
+pub mod fault;
 pub mod mm;
 mod ops;
+pub mod rcu;
+mod sync;
 pub mod table;
 pub mod walk;
 
+pub use age::{Bitmap, HarvestError, HarvestFlags};
+pub use batch::{BatchStats, TlbBatch};
 pub use desc::{DescView, Descriptor, MemType, Perms, S2Attrs};
 pub use error::{MapError, Stage2Error};
+pub use fault::{FaultOutcome, MigrateOutcome};
 pub use mm::{TableAlloc, TlbInvalidate};
+pub use rcu::{GpTicket, Rcu};
 pub use table::{MapFlags, Stage2, Translation, UnmapStats};
 pub use walk::{VisitCtx, VisitKind, Visitor, WalkFlags};

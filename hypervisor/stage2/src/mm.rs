@@ -3,9 +3,9 @@
 //! ([`TableAlloc`]) and TLB invalidation ([`TlbInvalidate`]).
 //!
 //! Methods take `&self` (implementations use interior mutability) because
-//! walkers run concurrently. `Stage2` calls them while it holds its writer
-//! lock: an implementation must not call back into the same `Stage2`'s
-//! writer operations (that would deadlock).
+//! walkers run concurrently. `Stage2` may call them while it holds its
+//! writer lock: an implementation must not call back into the same
+//! `Stage2`'s writer operations (that would deadlock).
 
 use hyp_core::addr::{Ipa, PhysAddr};
 
@@ -23,13 +23,10 @@ use crate::desc::{Descriptor, ENTRIES};
 ///   until it has been passed to `free_table`;
 /// - for such an address, `table_ptr` returns a pointer, aligned and valid
 ///   for reads and atomic writes, to the page's 512 descriptors, and keeps
-///   that memory valid until `free_table` (and the grace below);
-/// - after `free_table(pa)`, the page stays valid memory (not unmapped, not
-///   reused) until every lockless reader (`Stage2::translate`,
-///   `set_access_flag`, `test_and_clear_young`, `walk`) that began before
-///   the call has returned. This holds trivially when lockless readers never
-///   run concurrently with writers that free tables (`unmap`); otherwise the
-///   implementation defers the reuse past a grace period (RCU).
+///   that memory valid until `free_table`;
+/// - `free_table(pa)` may reuse the page at once: `Stage2` calls it only
+///   after the page was unlinked, the TLBs were invalidated and an RCU
+///   grace period elapsed (or for a page that was never published).
 pub unsafe trait TableAlloc {
     /// A zeroed 4 KiB table page, or `None` when memory is exhausted.
     fn alloc_table(&self) -> Option<PhysAddr>;
@@ -59,6 +56,14 @@ pub trait TlbInvalidate {
     /// stage-1+2 entries and walk caches (`TLBI VMALLS12E1IS`, or
     /// `VMALLE1IS` after `IPAS2E1IS`).
     fn invalidate_vmid(&self);
+
+    /// Invalidates the VMID's stage-1 and combined stage-1+2 entries
+    /// (`TLBI VMALLE1IS`), to complete a series of
+    /// [`TlbInvalidate::invalidate_ipa`] calls. Defaults to
+    /// [`TlbInvalidate::invalidate_vmid`], which covers it.
+    fn invalidate_stage1(&self) {
+        self.invalidate_vmid();
+    }
 }
 
 // SAFETY: every method forwards to `A`, which upholds the contract.
@@ -85,15 +90,20 @@ impl<T: TlbInvalidate + ?Sized> TlbInvalidate for &T {
     fn invalidate_vmid(&self) {
         (**self).invalidate_vmid();
     }
+
+    fn invalidate_stage1(&self) {
+        (**self).invalidate_stage1();
+    }
 }
 
 /// The entries of table page `pa`.
 ///
 /// # Safety
 ///
-/// `pa` came from `mm.alloc_table()`, and either it is not freed yet or the
-/// caller is a lockless reader covered by the grace of the [`TableAlloc`]
-/// contract; the returned reference must not outlive that.
+/// `pa` came from `mm.alloc_table()` and is not freed yet, and the returned
+/// reference does not outlive that: the caller holds the writer lock, or is
+/// a lockless reader inside an RCU read-side section (`crate::rcu`), which
+/// delays the free of any table it can reach.
 pub(crate) unsafe fn table_entries<M: TableAlloc + ?Sized>(
     mm: &M,
     pa: PhysAddr,

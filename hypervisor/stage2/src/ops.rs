@@ -7,6 +7,7 @@ use core::fmt;
 
 use hyp_core::addr::{PhysAddr, PAGE_SIZE};
 
+use crate::batch::TlbBatch;
 use crate::desc::{DescView, MemType, Perms, S2Attrs, LEAF_LEVEL};
 use crate::error::MapError;
 use crate::mm::{TableAlloc, TlbInvalidate};
@@ -24,8 +25,8 @@ fn same_but_af(a: S2Attrs, b: S2Attrs) -> bool {
 }
 
 /// Maps `[start, end)` to `pa..` with `attrs` (see [`Stage2::map`]).
-pub(crate) struct MapVisitor<'s, M: TableAlloc, T: TlbInvalidate> {
-    pub(crate) s2: &'s Stage2<M, T>,
+pub(crate) struct MapVisitor<'s, 'r, M: TableAlloc, T: TlbInvalidate> {
+    pub(crate) s2: &'s Stage2<'r, M, T>,
     pub(crate) start: u64,
     pub(crate) end: u64,
     /// Output address of `start`.
@@ -35,7 +36,7 @@ pub(crate) struct MapVisitor<'s, M: TableAlloc, T: TlbInvalidate> {
     pub(crate) allow_blocks: bool,
 }
 
-impl<M: TableAlloc, T: TlbInvalidate> Visitor for MapVisitor<'_, M, T> {
+impl<M: TableAlloc, T: TlbInvalidate> Visitor for MapVisitor<'_, '_, M, T> {
     type Error = MapError;
 
     fn visit(&mut self, ctx: &VisitCtx<'_>) -> Result<(), MapError> {
@@ -78,54 +79,44 @@ impl<M: TableAlloc, T: TlbInvalidate> Visitor for MapVisitor<'_, M, T> {
     }
 }
 
-/// Unmaps `[start, end)` and frees emptied tables (see [`Stage2::unmap`]).
-pub(crate) struct UnmapVisitor<'s, M: TableAlloc, T: TlbInvalidate> {
-    pub(crate) s2: &'s Stage2<M, T>,
+/// Unmaps `[start, end)` into a batch and removes emptied tables (see
+/// [`Stage2::unmap_batched`]).
+pub(crate) struct UnmapVisitor<'s, 'b, 'a, 'r, M: TableAlloc, T: TlbInvalidate> {
+    pub(crate) s2: &'s Stage2<'r, M, T>,
     pub(crate) start: u64,
     pub(crate) end: u64,
     pub(crate) stats: UnmapStats,
+    pub(crate) batch: &'b mut TlbBatch<'a, 'r, M, T>,
 }
 
-impl<M: TableAlloc, T: TlbInvalidate> UnmapVisitor<'_, M, T> {
-    /// Unlinks and frees the table `child` under `ctx` if it is empty.
-    fn reclaim_table(&mut self, ctx: &VisitCtx<'_>, child: PhysAddr) -> Result<(), MapError> {
-        if !self.s2.table_is_empty(child) {
-            return Ok(());
-        }
-        // Lock the parent first, so that nothing can be installed into the
-        // table between the emptiness check and the unlink.
-        let locked = self.s2.lock_entry(ctx.entry, ctx.old, ctx.ipa, ctx.level)?;
-        if !self.s2.table_is_empty(child) {
-            ctx.entry.store(locked);
-            return Ok(());
-        }
-        self.s2.invalidate(ctx.ipa, ctx.level, locked);
-        ctx.entry.store(DescView::Invalid.encode());
-        // SAFETY: the only entry pointing to `child` was cleared above, after
-        // the VMID's TLBs and walk caches were invalidated.
-        unsafe { self.s2.retire_table(child) };
-        self.stats.tables_freed += 1;
-        Ok(())
-    }
-}
-
-impl<M: TableAlloc, T: TlbInvalidate> Visitor for UnmapVisitor<'_, M, T> {
+impl<M: TableAlloc, T: TlbInvalidate> Visitor for UnmapVisitor<'_, '_, '_, '_, M, T> {
     type Error = MapError;
 
     fn visit(&mut self, ctx: &VisitCtx<'_>) -> Result<(), MapError> {
         match (ctx.kind, ctx.view()) {
-            (VisitKind::TablePost, DescView::Table { pa }) => self.reclaim_table(ctx, pa),
+            (VisitKind::TablePost, DescView::Table { pa }) => {
+                let (entry, old, ipa, level) = (ctx.entry, ctx.old, ctx.ipa, ctx.level);
+                if self
+                    .s2
+                    .remove_table(entry, old, ipa, level, pa, self.batch)?
+                {
+                    self.stats.tables_freed += 1;
+                }
+                Ok(())
+            }
             (VisitKind::Leaf, DescView::Locked) => Err(MapError::Busy {
                 ipa: ctx.ipa,
                 level: ctx.level,
             }),
             (VisitKind::Leaf, DescView::Block { .. } | DescView::Page { .. }) => {
                 if covers_whole(ctx, self.start, self.end) {
-                    self.s2
-                        .replace(ctx.entry, ctx.old, ctx.ipa, ctx.level, |_| {
-                            DescView::Invalid.encode()
-                        })?;
-                    self.s2.account_leaf(ctx.level, false);
+                    let (ipa, level) = (ctx.ipa, ctx.level);
+                    let gone = self.s2.break_entry(ctx.entry, ctx.old, 0, ipa, level)?;
+                    // `gone` is the leaf we were given, its AF maybe changed.
+                    if let Some((pa, _)) = DescView::decode(gone, level).leaf_parts() {
+                        self.batch.leaf_unmapped(ipa, level, pa);
+                    }
+                    self.s2.account_leaf(level, false);
                     self.stats.pages_unmapped += ctx.size() / PAGE_SIZE;
                     Ok(())
                 } else {
@@ -138,14 +129,14 @@ impl<M: TableAlloc, T: TlbInvalidate> Visitor for UnmapVisitor<'_, M, T> {
 }
 
 /// Sets permissions over `[start, end)` (see [`Stage2::protect`]).
-pub(crate) struct ProtectVisitor<'s, M: TableAlloc, T: TlbInvalidate> {
-    pub(crate) s2: &'s Stage2<M, T>,
+pub(crate) struct ProtectVisitor<'s, 'r, M: TableAlloc, T: TlbInvalidate> {
+    pub(crate) s2: &'s Stage2<'r, M, T>,
     pub(crate) start: u64,
     pub(crate) end: u64,
     pub(crate) perms: Perms,
 }
 
-impl<M: TableAlloc, T: TlbInvalidate> Visitor for ProtectVisitor<'_, M, T> {
+impl<M: TableAlloc, T: TlbInvalidate> Visitor for ProtectVisitor<'_, '_, M, T> {
     type Error = MapError;
 
     fn visit(&mut self, ctx: &VisitCtx<'_>) -> Result<(), MapError> {
@@ -183,11 +174,11 @@ impl<M: TableAlloc, T: TlbInvalidate> Visitor for ProtectVisitor<'_, M, T> {
 }
 
 /// Frees every table below the root ([`Stage2`]'s `Drop`).
-pub(crate) struct TeardownVisitor<'s, M: TableAlloc, T: TlbInvalidate> {
-    pub(crate) s2: &'s Stage2<M, T>,
+pub(crate) struct TeardownVisitor<'s, 'r, M: TableAlloc, T: TlbInvalidate> {
+    pub(crate) s2: &'s Stage2<'r, M, T>,
 }
 
-impl<M: TableAlloc, T: TlbInvalidate> Visitor for TeardownVisitor<'_, M, T> {
+impl<M: TableAlloc, T: TlbInvalidate> Visitor for TeardownVisitor<'_, '_, M, T> {
     type Error = core::convert::Infallible;
 
     fn visit(&mut self, ctx: &VisitCtx<'_>) -> Result<(), Self::Error> {
@@ -196,7 +187,7 @@ impl<M: TableAlloc, T: TlbInvalidate> Visitor for TeardownVisitor<'_, M, T> {
             // SAFETY: the table is being dropped (no other walker, the guest
             // no longer runs on it, VMID invalidated first); the entry that
             // pointed to `pa` was just cleared and its children are freed.
-            unsafe { self.s2.retire_table(pa) };
+            unsafe { self.s2.free_unreachable_table(pa) };
         }
         Ok(())
     }

@@ -1,38 +1,54 @@
 //! The stage-2 page table of one VM ([`Stage2`]): its root, its counters,
-//! the writer lock, and the primitives every writer uses (install into an
-//! empty slot, break-before-make, block split, table retirement).
+//! its RCU domain, the writer lock, and the primitives every writer uses
+//! (install into an empty slot, break-before-make, block split, table
+//! removal, deferred freeing).
 //!
 //! # Concurrency
 //!
-//! - **Writers** — [`Stage2::map`], [`Stage2::unmap`], [`Stage2::protect`]
-//!   and the splits they do — serialize on `writer`, a spin lock held for
-//!   the whole walk. It is never taken by readers.
 //! - **Lockless readers** — [`Stage2::translate`], [`Stage2::walk`],
-//!   [`Stage2::set_access_flag`], [`Stage2::test_and_clear_young`] — only
-//!   load descriptors (`Acquire`) and flip the access flag of a valid leaf
-//!   with a compare-exchange (`AcqRel`), the same atomic read-modify-write
-//!   the hardware walker uses for hardware AF, so no update is lost. A
-//!   reader that meets a locked entry reports "not mapped" (the fault path
-//!   retries). Table pages a reader may still be walking stay valid by the
-//!   grace rule of the [`TableAlloc`] contract; every table free goes
-//!   through `Stage2::retire_table`, the one place where RCU deferral
-//!   will hook in.
-//! - **Descriptor updates** — an empty slot is filled with a
-//!   compare-exchange (invalid -> new); a table allocated for a slot and
-//!   lost in that race is freed at once (never published). A valid entry
-//!   whose output address, memory type or size changes follows
-//!   break-before-make: compare-exchange to [`LOCKED`], `invalidate_ipa` +
-//!   `invalidate_vmid`, then a `Release` store of the new value. Changes of
-//!   permissions only (protect) and of the access flag need no
-//!   break-before-make (Arm ARM, "TLB maintenance requirements"): they are a
-//!   compare-exchange of the live entry, followed by invalidation for
-//!   permissions. A table is unlinked only after locking its parent entry
-//!   and re-checking, under the lock, that the table is empty.
-//! - **Counters** (`mapped_pages`, `table_pages`) are `Relaxed`: they are
-//!   written under the writer lock and read as statistics.
+//!   [`Stage2::set_access_flag`], the harvester ([`Stage2::harvest`]) —
+//!   only load descriptors (`Acquire`) and flip the access flag of a valid
+//!   leaf with a compare-exchange (`AcqRel`), the same atomic
+//!   read-modify-write the hardware walker uses for hardware AF, so no
+//!   update is lost and a writer's lock marker is never overwritten. A
+//!   reader that meets a locked entry skips it (harvest) or reports "not
+//!   mapped" (the fault path retries). They never take the writer lock and
+//!   never allocate.
+//! - **Lockless writers** — the stage-2 fault path
+//!   ([`Stage2::fault_install`]) and page migration
+//!   ([`Stage2::migrate_page`]) — install into empty slots with a
+//!   compare-exchange (invalid -> new; the loser frees its unpublished
+//!   table at once) and change a live entry with break-before-make.
+//! - **Locked writers** — [`Stage2::map`], [`Stage2::unmap`],
+//!   [`Stage2::protect`] and the block splits and table removals they do —
+//!   serialize on `writer`, a spin lock held for the whole walk. A CPU
+//!   waiting for it reports quiescent states (it holds no references), so a
+//!   lock holder may wait for a grace period.
+//! - **Table pages** stay valid for every walker that can reach them by
+//!   RCU (QSBR, [`crate::rcu`]): all walkers must run on a CPU that is
+//!   online in the table's [`Rcu`] domain, and outside walks (never inside
+//!   one) pass quiescent states. A removed table is freed only after:
+//!   unlink -> TLB flush of the VMID (walk caches) -> grace period -> free.
+//! - **Descriptor updates** — a valid entry whose output address, memory
+//!   type or size changes follows break-before-make: compare-exchange to
+//!   [`LOCKED`], `invalidate_ipa` + `invalidate_vmid`, then a `Release`
+//!   store of the new value. Changes of permissions only (protect) and of
+//!   the access flag need no break-before-make (Arm ARM, "TLB maintenance
+//!   requirements"). Unmapping makes a leaf invalid with a compare-exchange
+//!   and defers its invalidation to a [`TlbBatch`]; the frame stays pending
+//!   until the batch's flush.
+//! - **Table removal** (a table found empty after an unmap): lock the
+//!   parent entry, then **seal** the table: compare-exchange each of its
+//!   512 entries from invalid to [`LOCKED`]. A fault that walked into the
+//!   table before the parent was locked can then no longer install into it
+//!   (its compare-exchange fails and it retries from the root); if any
+//!   entry is not invalid, the seal is undone and the table stays. A sealed
+//!   table is unlinked, and its page pending in the batch.
+//! - **Counters** (`mapped_pages`, `table_pages`) are `Relaxed` atomics:
+//!   statistics, updated by every writer.
 //!
-//! Clearing the access flag invalidates nothing: a translation cached with
-//! AF set may hide later accesses until evicted (see DESIGN section 5).
+//! Clearing the access flag needs no TLB invalidation for correctness; the
+//! harvester's `FLUSH` flag asks for one (see DESIGN section 5).
 
 use core::convert::Infallible;
 use core::fmt;
@@ -40,11 +56,22 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use hyp_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
 
+use crate::batch::TlbBatch;
 use crate::desc::{level_size, DescView, Descriptor, MemType, Perms, S2Attrs, LOCKED, PA_LIMIT};
 use crate::error::{MapError, Stage2Error};
 use crate::mm::{table_entries, TableAlloc, TlbInvalidate};
 use crate::ops::{DumpVisitor, MapVisitor, ProtectVisitor, TeardownVisitor, UnmapVisitor};
+use crate::rcu::{DeferQueue, Rcu};
 use crate::walk::{walk, VisitCtx, Visitor, WalkFlags};
+
+/// Table pages that may wait for a grace period at once; a writer that
+/// finds the queue full waits for the oldest ones.
+const DEFERRED_TABLES: usize = 256;
+
+/// How often a locked writer restarts a walk that met an entry locked by a
+/// lockless writer (a migration's break-before-make, which finishes in
+/// bounded time) before it reports [`MapError::Busy`].
+const BUSY_RETRIES: u32 = 1 << 20;
 
 /// Smallest supported IPA size (start level 0 needs more than 39 bits).
 pub const MIN_IPA_BITS: u8 = 40;
@@ -81,27 +108,38 @@ pub struct Translation {
 pub struct UnmapStats {
     /// 4 KiB pages that were mapped and are not any more.
     pub pages_unmapped: u64,
-    /// Table pages that became empty and were freed.
+    /// Table pages that became empty and were unlinked (each is freed
+    /// after a TLB flush and a grace period).
     pub tables_freed: u64,
 }
 
 /// The stage-2 translation tables of one VM: 4 KiB granule, 4 levels
 /// starting at level 0, `ipa_bits` of input address.
-pub struct Stage2<M: TableAlloc, T: TlbInvalidate> {
+pub struct Stage2<'r, M: TableAlloc, T: TlbInvalidate> {
     mm: M,
     tlb: T,
+    /// The RCU domain of every CPU that walks these tables.
+    rcu: &'r Rcu,
     root: PhysAddr,
     ipa_bits: u8,
     /// Serializes structural writers (map, unmap, protect, split, table
-    /// free) for the whole of their walk.
+    /// removal) for the whole of their walk.
     writer: spin::Mutex<()>,
+    /// Unlinked, flushed table pages waiting for their grace period.
+    deferred: DeferQueue<PhysAddr, DEFERRED_TABLES>,
+    #[cfg(feature = "check")]
+    checker: crate::check::Checker,
+    /// Test switch: flushes skip the TLB invalidation (see
+    /// [`Stage2::skip_flush_for_test`]).
+    #[cfg(feature = "check")]
+    skip_flush: core::sync::atomic::AtomicBool,
     /// Leaf coverage in 4 KiB pages (`Relaxed`, written under `writer`).
     mapped_pages: AtomicU64,
     /// Table pages in use, root included (`Relaxed`, written under `writer`).
     table_pages: AtomicU64,
 }
 
-impl<M: TableAlloc, T: TlbInvalidate> fmt::Debug for Stage2<M, T> {
+impl<M: TableAlloc, T: TlbInvalidate> fmt::Debug for Stage2<'_, M, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Stage2")
             .field("root", &self.root)
@@ -112,9 +150,10 @@ impl<M: TableAlloc, T: TlbInvalidate> fmt::Debug for Stage2<M, T> {
     }
 }
 
-impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
-    /// An empty table (just the root) for an IPA space of `ipa_bits` bits.
-    pub fn new(ipa_bits: u8, mm: M, tlb: T) -> Result<Self, Stage2Error> {
+impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
+    /// An empty table (just the root) for an IPA space of `ipa_bits` bits,
+    /// walked by the CPUs of the RCU domain `rcu`.
+    pub fn new(ipa_bits: u8, mm: M, tlb: T, rcu: &'r Rcu) -> Result<Self, Stage2Error> {
         if !(MIN_IPA_BITS..=MAX_IPA_BITS).contains(&ipa_bits) {
             return Err(Stage2Error::UnsupportedIpaBits(ipa_bits));
         }
@@ -122,9 +161,15 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
         Ok(Self {
             mm,
             tlb,
+            rcu,
             root,
             ipa_bits,
             writer: spin::Mutex::new(()),
+            deferred: DeferQueue::new(),
+            #[cfg(feature = "check")]
+            checker: crate::check::Checker::default(),
+            #[cfg(feature = "check")]
+            skip_flush: core::sync::atomic::AtomicBool::new(false),
             mapped_pages: AtomicU64::new(0),
             table_pages: AtomicU64::new(1),
         })
@@ -133,6 +178,25 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
     /// Physical address of the level-0 table (the VTTBR_EL2 BADDR).
     pub fn root(&self) -> PhysAddr {
         self.root
+    }
+
+    /// The RCU domain of the CPUs that walk these tables.
+    pub fn rcu(&self) -> &'r Rcu {
+        self.rcu
+    }
+
+    /// The injected table allocator.
+    pub fn mm(&self) -> &M {
+        &self.mm
+    }
+
+    /// A TLB batch whose pending frames go to `release(pa, size)` once the
+    /// flush that covers their unmap has completed.
+    pub fn batch<'a>(
+        &'a self,
+        release: &'a mut dyn FnMut(PhysAddr, u64),
+    ) -> TlbBatch<'a, 'r, M, T> {
+        TlbBatch::new(self, release)
     }
 
     /// The IPA size in bits.
@@ -200,15 +264,32 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
     }
 
     /// Unmaps `[ipa, ipa + size)` (blocks straddling an edge are split
-    /// first) with break-before-make and TLB invalidation of each leaf, then
-    /// frees the table pages that became empty. Takes the writer lock.
+    /// first) and removes the table pages that became empty; the frames
+    /// the leaves mapped are dropped (see [`Stage2::unmap_batched`] to get
+    /// them back). Flushes before it returns. Takes the writer lock.
     pub fn unmap(&self, ipa: Ipa, size: u64) -> Result<UnmapStats, MapError> {
+        let mut release = |_, _| {};
+        let mut batch = self.batch(&mut release);
+        self.unmap_batched(ipa, size, &mut batch)
+    }
+
+    /// Unmaps `[ipa, ipa + size)` into `batch`: the leaves are invalid when
+    /// this returns, their TLB invalidation and the release of their frames
+    /// happen at the batch's next flush, and emptied table pages are freed
+    /// after that flush and a grace period. Takes the writer lock.
+    pub fn unmap_batched(
+        &self,
+        ipa: Ipa,
+        size: u64,
+        batch: &mut TlbBatch<'_, 'r, M, T>,
+    ) -> Result<UnmapStats, MapError> {
         self.check_range(ipa, size)?;
         let mut visitor = UnmapVisitor {
             s2: self,
             start: ipa.0,
             end: ipa.0 + size,
             stats: UnmapStats::default(),
+            batch,
         };
         self.write_walk(
             ipa,
@@ -217,6 +298,19 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
             &mut visitor,
         )?;
         Ok(visitor.stats)
+    }
+
+    /// Frees the table pages whose grace period has elapsed; with `wait`,
+    /// first waits for the grace period of all queued pages. Returns how
+    /// many were freed. Not from inside a walk.
+    pub fn reclaim_tables(&self, wait: bool) -> usize {
+        self.deferred
+            .reclaim(self.rcu, wait, |pa| self.free_table_now(pa))
+    }
+
+    /// Table pages unlinked and waiting for their grace period.
+    pub fn deferred_tables(&self) -> usize {
+        self.deferred.len()
     }
 
     /// Sets the permissions of every mapped page in `[ipa, ipa + size)` to
@@ -263,7 +357,8 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
 
     /// Clears AF on the leaf covering `ipa`; returns whether it was set, or
     /// `None` when no valid leaf covers `ipa`. No TLB invalidation (see the
-    /// module documentation). Lockless.
+    /// module documentation). Lockless: the per-page form of
+    /// [`Stage2::harvest`].
     pub fn test_and_clear_young(&self, ipa: Ipa) -> Option<bool> {
         self.leaf_at(ipa, |ctx| update_af(ctx.entry, ctx.old, ctx.level, false))
             .flatten()
@@ -318,7 +413,22 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
         }
     }
 
-    /// Runs a writer visitor under the writer lock.
+    /// Takes the writer lock, reporting quiescent states while it waits
+    /// (the caller holds no table references), so that a holder waiting
+    /// for a grace period cannot deadlock with us.
+    fn lock_writer(&self) -> spin::MutexGuard<'_, ()> {
+        loop {
+            if let Some(guard) = self.writer.try_lock() {
+                return guard;
+            }
+            self.rcu.quiescent();
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Runs a writer visitor under the writer lock. A walk that meets an
+    /// entry locked by a lockless writer ([`MapError::Busy`]) is restarted:
+    /// the operations are idempotent and such locks are short.
     fn write_walk<V: Visitor<Error = MapError>>(
         &self,
         ipa: Ipa,
@@ -326,15 +436,29 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
         flags: WalkFlags,
         visitor: &mut V,
     ) -> Result<(), MapError> {
-        let _writer = self.writer.lock();
-        // SAFETY: `root` is our live root table and we hold the writer lock,
-        // so only our visitor frees tables, and only those it unlinked.
-        unsafe { walk(&self.mm, self.root, ipa, size, flags, visitor) }
+        let _writer = self.lock_writer();
+        let mut tries = 0;
+        loop {
+            // SAFETY: `root` is our live root table; we hold the writer
+            // lock, so only our visitor unlinks tables, and it frees them
+            // only after a flush and a grace period.
+            match unsafe { walk(&self.mm, self.root, ipa, size, flags, visitor) } {
+                Err(MapError::Busy { .. }) if tries < BUSY_RETRIES => {
+                    tries += 1;
+                    // We are the only CPU that unlinks tables (writer
+                    // lock), so reporting a quiescent state here cannot
+                    // free anything this walk still uses.
+                    self.rcu.quiescent();
+                    core::hint::spin_loop();
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Calls `f` on the entry that is not a table on the path to `ipa`
     /// (`None` when `ipa` is outside the IPA space).
-    fn leaf_at<R>(&self, ipa: Ipa, f: impl FnMut(&VisitCtx<'_>) -> R) -> Option<R> {
+    pub(crate) fn leaf_at<R>(&self, ipa: Ipa, f: impl FnMut(&VisitCtx<'_>) -> R) -> Option<R> {
         struct LeafFn<F, R>(F, Option<R>);
         impl<F: FnMut(&VisitCtx<'_>) -> R, R> Visitor for LeafFn<F, R> {
             type Error = Infallible;
@@ -376,6 +500,10 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
         ipa: Ipa,
         level: u8,
     ) -> Result<(), MapError> {
+        #[cfg(feature = "check")]
+        if let Some((pa, _)) = DescView::decode(new, level).leaf_parts() {
+            self.checker.leaf_installed(pa, level_size(level));
+        }
         entry
             .compare_exchange(old, new)
             .map(drop)
@@ -428,12 +556,26 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
     pub(crate) fn lock_entry(
         &self,
         entry: &Descriptor,
+        old: u64,
+        ipa: Ipa,
+        level: u8,
+    ) -> Result<u64, MapError> {
+        self.break_entry(entry, old, LOCKED, ipa, level)
+    }
+
+    /// Compare-exchanges `entry` from `old` to the invalid value `to`
+    /// ([`LOCKED`] or 0), retrying while a valid entry only changes its
+    /// access flag. Returns the value replaced.
+    pub(crate) fn break_entry(
+        &self,
+        entry: &Descriptor,
         mut old: u64,
+        to: u64,
         ipa: Ipa,
         level: u8,
     ) -> Result<u64, MapError> {
         loop {
-            match entry.compare_exchange(old, LOCKED) {
+            match entry.compare_exchange(old, to) {
                 Ok(_) => return Ok(old),
                 Err(now) if now ^ old == S2Attrs::AF.bits() && old & S2Attrs::VALID.bits() != 0 => {
                     old = now;
@@ -451,6 +593,48 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
             self.tlb.invalidate_ipa(ipa, level);
         }
         self.tlb.invalidate_vmid();
+        #[cfg(feature = "check")]
+        self.checker.flushed();
+    }
+
+    /// The flush of a [`TlbBatch`]: the leaves at `ipas` by IPA and then
+    /// the VMID's stage-1 and combined entries, or (`whole_vmid`) the whole
+    /// VMID including walk caches.
+    pub(crate) fn flush_tlb(&self, ipas: &[(Ipa, u8)], whole_vmid: bool) {
+        #[cfg(feature = "check")]
+        if self.skip_flush.load(Ordering::Relaxed) {
+            return;
+        }
+        if whole_vmid {
+            self.tlb.invalidate_vmid();
+        } else {
+            for &(ipa, level) in ipas {
+                self.tlb.invalidate_ipa(ipa, level);
+            }
+            self.tlb.invalidate_stage1();
+        }
+        #[cfg(feature = "check")]
+        self.checker.flushed();
+    }
+
+    /// Test switch of the checking mode: from now on, batch flushes skip
+    /// the TLB invalidation (a deliberately wrong free order, which the
+    /// checker must catch).
+    #[cfg(feature = "check")]
+    pub fn skip_flush_for_test(&self) {
+        self.skip_flush.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the checker sees nothing pending: every unmapped frame was
+    /// released after a flush and every unlinked table freed.
+    #[cfg(feature = "check")]
+    pub fn check_idle(&self) -> bool {
+        self.checker.idle()
+    }
+
+    #[cfg(feature = "check")]
+    pub(crate) fn checker(&self) -> &crate::check::Checker {
+        &self.checker
     }
 
     /// Break-before-make: lock `entry` (holding `old`), invalidate, then
@@ -505,24 +689,87 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<M, T> {
     /// Whether every entry of table `pa` is invalid (a locked entry counts
     /// as in use).
     pub(crate) fn table_is_empty(&self, pa: PhysAddr) -> bool {
-        // SAFETY: `pa` was loaded from a table entry we can reach, under the
-        // writer lock, so it is live.
+        // SAFETY: `pa` was loaded from a table entry we can reach, inside a
+        // walk (RCU read-side section), so it is live.
         let entries = unsafe { table_entries(&self.mm, pa) };
         entries
             .iter()
-            .all(|e| DescView::decode(e.load(), 1) == DescView::Invalid)
+            .all(|e| e.load() == DescView::Invalid.encode())
     }
 
-    /// The one place table pages are freed after having been published.
-    /// (RCU-deferred freeing will replace the direct free here.)
+    /// The table-removal protocol for table `child`, linked from `entry`
+    /// (holding `old`, at `level`, covering `ipa`): lock the parent entry,
+    /// seal every entry of `child` (invalid -> [`LOCKED`]) so that no fault
+    /// can install into it any more, unlink it, and leave the page pending
+    /// in `batch` (VMID flush, then a grace period, then free). Returns
+    /// whether the table was removed; if some entry was in use, the seal is
+    /// undone and nothing changes. Writer lock held.
+    pub(crate) fn remove_table(
+        &self,
+        entry: &Descriptor,
+        old: u64,
+        ipa: Ipa,
+        level: u8,
+        child: PhysAddr,
+        batch: &mut TlbBatch<'_, 'r, M, T>,
+    ) -> Result<bool, MapError> {
+        if !self.table_is_empty(child) {
+            return Ok(false);
+        }
+        let locked = self.lock_entry(entry, old, ipa, level)?;
+        // SAFETY: `child` is reachable from the entry we just locked, and
+        // only writer-lock holders (us) unlink tables.
+        let entries = unsafe { table_entries(&self.mm, child) };
+        let invalid = DescView::Invalid.encode();
+        if let Some(in_use) = entries
+            .iter()
+            .position(|e| e.compare_exchange(invalid, LOCKED).is_err())
+        {
+            for e in &entries[..in_use] {
+                e.store(invalid);
+            }
+            entry.store(locked);
+            return Ok(false);
+        }
+        entry.store(invalid);
+        batch.table_unlinked(child);
+        Ok(true)
+    }
+
+    /// Frees a table page at teardown, bypassing the grace period.
     ///
     /// # Safety
     ///
-    /// `pa` is a table of ours that no descriptor points to any more, and
-    /// the TLBs were invalidated after it was unlinked.
-    pub(crate) unsafe fn retire_table(&self, pa: PhysAddr) {
+    /// `pa` is a table of ours that no walker, software or hardware, can
+    /// reach any more.
+    pub(crate) unsafe fn free_unreachable_table(&self, pa: PhysAddr) {
         self.table_pages.fetch_sub(1, Ordering::Relaxed);
         // SAFETY: the caller's guarantees are those of `free_table`.
+        unsafe { self.mm.free_table(pa) };
+    }
+
+    /// Queues the unlinked and flushed table page `pa` behind a grace
+    /// period. Called by a [`TlbBatch`] flush, which may run inside an
+    /// unmap walk under the writer lock: if the queue is full this waits
+    /// for a grace period, reporting quiescent states for this CPU, which
+    /// is safe because only writer-lock holders unlink tables, so nothing
+    /// this CPU's walk still uses can be freed meanwhile.
+    pub(crate) fn defer_free_table(&self, pa: PhysAddr) {
+        self.deferred
+            .defer(self.rcu, pa, |pa| self.free_table_now(pa));
+        #[cfg(feature = "check")]
+        if let Some(ticket) = self.deferred.newest_ticket() {
+            self.checker.table_queued(pa, ticket);
+        }
+    }
+
+    /// Gives a table page whose grace period elapsed back to the allocator.
+    fn free_table_now(&self, pa: PhysAddr) {
+        #[cfg(feature = "check")]
+        self.checker.table_freed(pa, self.rcu);
+        self.table_pages.fetch_sub(1, Ordering::Relaxed);
+        // SAFETY: `pa` was unlinked, the VMID flushed and a grace period
+        // elapsed since (the deferred queue's contract).
         unsafe { self.mm.free_table(pa) };
     }
 }
@@ -549,9 +796,11 @@ pub(crate) fn update_af(entry: &Descriptor, mut old: u64, level: u8, set: bool) 
     }
 }
 
-impl<M: TableAlloc, T: TlbInvalidate> Drop for Stage2<M, T> {
-    /// Frees every table page. The guest must no longer run with this
-    /// table on any CPU; the VMID is invalidated before the pages go.
+impl<M: TableAlloc, T: TlbInvalidate> Drop for Stage2<'_, M, T> {
+    /// Frees every table page, the ones waiting for a grace period
+    /// included. The guest must no longer run with this table on any CPU;
+    /// the VMID is invalidated before the pages go. `&mut self` proves that
+    /// no software walker is left.
     fn drop(&mut self) {
         self.tlb.invalidate_vmid();
         let mut visitor = TeardownVisitor { s2: self };
@@ -559,8 +808,18 @@ impl<M: TableAlloc, T: TlbInvalidate> Drop for Stage2<M, T> {
         // SAFETY: `&mut self`: no other walker exists; the teardown visitor
         // frees each table only after its children were walked.
         let Ok(()) = unsafe { walk(&self.mm, self.root, Ipa(0), limit, flags, &mut visitor) };
+        let mut deferred = 0;
+        // Every walker is gone (`&mut self`), so the grace period of the
+        // queued pages is over: free them without waiting.
+        self.deferred.drain(|pa| {
+            deferred += 1;
+            // SAFETY: unlinked and flushed before it was queued; no walker
+            // is left.
+            unsafe { self.mm.free_table(pa) };
+        });
+        self.table_pages.fetch_sub(deferred, Ordering::Relaxed);
         // SAFETY: the root is ours, unreachable once `self` is gone, and the
         // VMID was invalidated above.
-        unsafe { self.retire_table(self.root) };
+        unsafe { self.free_unreachable_table(self.root) };
     }
 }

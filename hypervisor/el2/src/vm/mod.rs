@@ -32,7 +32,7 @@ use hyp_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
 use hyp_core::bootargs::{AfPolicy, BootConfig};
 use log::{info, warn};
 use spin::{Mutex, Once};
-use stage2::{MapFlags, MemType, Perms, Stage2};
+use stage2::{MapFlags, MemType, Perms, Rcu, Stage2};
 
 /// QEMU exit status when the VM hit something it cannot continue from.
 pub const EXIT_VM_ERROR: u8 = 103;
@@ -56,7 +56,12 @@ fn spsr_el1h_masked() -> u64 {
 }
 
 /// The stage-2 table type of the VM.
-pub type GuestStage2 = Stage2<hw::FrameTables, hw::VmidTlb>;
+pub type GuestStage2 = Stage2<'static, hw::FrameTables, hw::VmidTlb>;
+
+/// The RCU domain of every CPU that walks stage-2 tables: a CPU is online
+/// while it runs hypervisor code for the VM, offline (extended quiescent
+/// state) while it runs the guest or idles.
+static RCU: Rcu = Rcu::new(crate::boot::cpu_index);
 
 /// Power state of a vCPU (PSCI view).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -236,8 +241,13 @@ impl Vm {
             })
             .collect::<Vec<_>>();
 
-        let stage2 = Stage2::new(features.ipa_bits() as u8, hw::FrameTables, hw::VmidTlb)
-            .map_err(stage2_err)?;
+        let stage2 = Stage2::new(
+            features.ipa_bits() as u8,
+            hw::FrameTables,
+            hw::VmidTlb,
+            &RCU,
+        )
+        .map_err(stage2_err)?;
         let regs = hw::Stage2Regs {
             ipa_bits: features.ipa_bits(),
             parange: features.parange,

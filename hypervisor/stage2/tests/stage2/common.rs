@@ -8,7 +8,29 @@ use std::vec::Vec;
 
 use hyp_core::addr::{Ipa, PhysAddr};
 use stage2::desc::{level_shift, DescView, Descriptor, ENTRIES};
-use stage2::{TableAlloc, TlbInvalidate};
+use stage2::{Rcu, TableAlloc, TlbInvalidate};
+
+std::thread_local! {
+    /// The CPU index this thread plays in an RCU domain.
+    static CPU: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The CPU this thread plays (set with [`play_cpu`]; 0 by default).
+pub fn current_cpu() -> usize {
+    CPU.with(std::cell::Cell::get)
+}
+
+/// Makes this thread play CPU `index` of every RCU domain.
+#[allow(dead_code)]
+pub fn play_cpu(index: usize) {
+    CPU.with(|c| c.set(index));
+}
+
+/// A fresh RCU domain for one test (leaked: a few hundred bytes), in which
+/// this thread plays CPU 0 and is offline unless it calls `online`.
+pub fn rcu() -> &'static Rcu {
+    std::boxed::Box::leak(std::boxed::Box::new(Rcu::new(current_cpu)))
+}
 
 /// What freed table pages are filled with (odd: "valid", so a dangling
 /// walker would misbehave loudly rather than read zeros).

@@ -9,11 +9,11 @@ use common::{HostAlloc, RecordingTlb};
 use stage2::Stage2;
 
 /// The table type every test uses.
-type S2<'a> = Stage2<&'a HostAlloc, &'a RecordingTlb<'a>>;
+type S2<'a> = Stage2<'static, &'a HostAlloc, &'a RecordingTlb<'a>>;
 
 /// A 40-bit table over `alloc`, with `tlb` attached to its root.
 fn new_s2<'a>(alloc: &'a HostAlloc, tlb: &'a RecordingTlb<'a>) -> S2<'a> {
-    let s2 = Stage2::new(40, alloc, tlb).expect("root table");
+    let s2 = Stage2::new(40, alloc, tlb, common::rcu()).expect("root table");
     tlb.attach(s2.root());
     s2
 }

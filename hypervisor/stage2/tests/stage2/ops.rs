@@ -39,12 +39,12 @@ fn construction_and_vtcr() {
     let tlb = RecordingTlb::new(&alloc, false);
     for bits in [0, 39, 49, 64] {
         assert_eq!(
-            Stage2::new(bits, &alloc, &tlb).err(),
+            Stage2::new(bits, &alloc, &tlb, crate::common::rcu()).err(),
             Some(Stage2Error::UnsupportedIpaBits(bits))
         );
     }
     for (bits, t0sz) in [(40, 24), (44, 20), (48, 16)] {
-        let s2 = Stage2::new(bits, &alloc, &tlb).unwrap();
+        let s2 = Stage2::new(bits, &alloc, &tlb, crate::common::rcu()).unwrap();
         assert_eq!(s2.vtcr_t0sz(), t0sz);
         assert!(s2.root().is_page_aligned());
         assert_eq!((s2.table_pages(), s2.mapped_pages()), (1, 0));
@@ -52,7 +52,7 @@ fn construction_and_vtcr() {
     assert_eq!(alloc.live(), 0, "dropping frees the root");
     let none = HostAlloc::with_limit(0);
     assert_eq!(
-        Stage2::new(40, &none, &tlb).err(),
+        Stage2::new(40, &none, &tlb, crate::common::rcu()).err(),
         Some(Stage2Error::NoMemory)
     );
 }
@@ -199,7 +199,7 @@ fn partial_unmap_splits_block_with_bbm() {
     assert_eq!(s2.translate(Ipa(0x400f_f000)), rw(3, 0x800f_f000));
     assert_eq!(s2.translate(Ipa(0x4010_1000)), rw(3, 0x8010_1000));
     // The block was broken (locked) before the TLBI and the table made
-    // after it; then the page was broken before its own TLBI.
+    // after it; then the page was made invalid before the batch's TLBI.
     let events = tlb.take();
     assert_eq!(
         events,
@@ -215,11 +215,9 @@ fn partial_unmap_splits_block_with_bbm() {
             TlbEvent::Ipa {
                 ipa: hole,
                 level: 3,
-                entry: Some(LOCKED)
+                entry: Some(0)
             },
-            TlbEvent::Vmid {
-                entry: Some(LOCKED)
-            },
+            TlbEvent::Vmid { entry: Some(0) },
         ]
     );
     assert_eq!(alloc.read_entry(s2.root(), hole, 3), Some(0));
