@@ -12,6 +12,8 @@
 //! | `guest_cpus=N` | vCPUs (0 = one per physical CPU) | `0` |
 //! | `af=auto\|hw\|sw` | stage-2 Access Flag: hardware if present, forced hardware, forced software | `auto` |
 //! | `fault=el2\|panic` | test only: trigger an EL2 data abort or a panic after boot | none |
+//! | `aging_cpu=N` | physical CPU that runs the background aging worker instead of a vCPU (range-checked against the CPU count at boot) | none (no worker) |
+//! | `migrate=N` | migration stress: guest pages the aging worker moves to new frames per pass, `0..=4096` (0 = off) | `0` |
 //! | `guest.KEY=VALUE` | passed to the guest's own `/chosen/bootargs` as `KEY=VALUE` | |
 
 use crate::addr::{PhysAddr, PhysRange};
@@ -55,6 +57,13 @@ pub struct BootConfig {
     pub af: AfPolicy,
     /// Test-only fault injection.
     pub fault: Option<FaultInjection>,
+    /// Physical CPU index that runs the background aging worker instead
+    /// of a vCPU; `None`: no worker. Only parsed here: whether the CPU
+    /// exists is checked where the CPU count is known.
+    pub aging_cpu: Option<u32>,
+    /// Migration stress: how many random guest pages the aging worker
+    /// moves to new frames per pass (0 = off, at most [`MAX_MIGRATE`]).
+    pub migrate: u32,
     /// The guest's command line, assembled from `guest.KEY=VALUE` options.
     pub guest_bootargs: String,
 }
@@ -68,10 +77,15 @@ impl Default for BootConfig {
             guest_cpus: 0,
             af: AfPolicy::Auto,
             fault: None,
+            aging_cpu: None,
+            migrate: 0,
             guest_bootargs: String::new(),
         }
     }
 }
+
+/// Largest `migrate=` value: pages moved per aging pass.
+pub const MAX_MIGRATE: u32 = 4096;
 
 /// A problem with one option; the option is ignored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,6 +212,15 @@ impl BootConfig {
                 }
                 .map(|f| cfg.fault = Some(f))
                 .ok_or_else(|| bad("el2|panic")),
+                "aging_cpu" => parse_u64(value)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .map(|n| cfg.aging_cpu = Some(n))
+                    .ok_or_else(|| bad("a CPU index (u32)")),
+                "migrate" => parse_u64(value)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .filter(|&n| n <= MAX_MIGRATE)
+                    .map(|n| cfg.migrate = n)
+                    .ok_or_else(|| bad("pages per pass, 0..=4096")),
                 _ => match key.strip_prefix("guest.") {
                     Some(k) if !k.is_empty() => {
                         guest_args.push(&token["guest.".len()..]);
@@ -232,7 +255,7 @@ mod tests {
     fn every_option() {
         let (cfg, errs) = BootConfig::parse(
             "log=debug guest=0x48000000+0x20000 guest_mem=1G guest_cpus=2 af=sw fault=el2 \
-             guest.mode=test guest.touch=64M",
+             aging_cpu=3 migrate=64 guest.mode=test guest.touch=64M",
         );
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(cfg.log_level, LevelFilter::Debug);
@@ -244,6 +267,8 @@ mod tests {
         assert_eq!(cfg.guest_cpus, 2);
         assert_eq!(cfg.af, AfPolicy::Software);
         assert_eq!(cfg.fault, Some(FaultInjection::El2DataAbort));
+        assert_eq!(cfg.aging_cpu, Some(3));
+        assert_eq!(cfg.migrate, 64);
         assert_eq!(cfg.guest_bootargs, "mode=test touch=64M");
     }
 
@@ -260,6 +285,57 @@ mod tests {
         assert!(msgs[2].contains("`guest_mem`"));
         assert!(msgs[3].contains("`guest`"));
         assert!(msgs[4].contains("`af`"));
+    }
+
+    #[test]
+    fn aging_cpu_and_migrate_values() {
+        let (cfg, errs) = BootConfig::parse("aging_cpu=0 migrate=0");
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(cfg.aging_cpu, Some(0), "CPU 0 is a valid index, not `none`");
+        assert_eq!(cfg.migrate, 0);
+        let (cfg, errs) = BootConfig::parse("aging_cpu=0x7 migrate=4096");
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(cfg.aging_cpu, Some(7));
+        assert_eq!(cfg.migrate, MAX_MIGRATE);
+        // Last value wins, as for the other options.
+        let (cfg, _) = BootConfig::parse("migrate=8 migrate=16");
+        assert_eq!(cfg.migrate, 16);
+    }
+
+    #[test]
+    fn bad_aging_cpu_and_migrate_are_named_and_ignored() {
+        let (cfg, errs) = BootConfig::parse(
+            "aging_cpu= aging_cpu=-1 aging_cpu=two aging_cpu=4294967296 \
+             migrate=4097 migrate=-1 migrate=lots migrate=0x",
+        );
+        assert_eq!(cfg.aging_cpu, None, "default kept");
+        assert_eq!(cfg.migrate, 0, "default kept");
+        assert_eq!(errs.len(), 8, "{errs:?}");
+        for (e, (key, value)) in errs.iter().zip([
+            ("aging_cpu", ""),
+            ("aging_cpu", "-1"),
+            ("aging_cpu", "two"),
+            ("aging_cpu", "4294967296"),
+            ("migrate", "4097"),
+            ("migrate", "-1"),
+            ("migrate", "lots"),
+            ("migrate", "0x"),
+        ]) {
+            assert!(
+                matches!(e, BootargError::Malformed { key: k, value: v, .. } if k == key && v == value),
+                "{e:?} for {key}={value}"
+            );
+            assert!(
+                e.to_string()
+                    .contains(&std::format!("`{value}` for `{key}`")),
+                "{e}"
+            );
+        }
+        // A bad value does not reset a good one given earlier.
+        let (cfg, errs) = BootConfig::parse("aging_cpu=2 migrate=100 aging_cpu=x migrate=5000");
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(cfg.aging_cpu, Some(2));
+        assert_eq!(cfg.migrate, 100);
     }
 
     #[test]

@@ -346,6 +346,14 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
         })
     }
 
+    /// Whether the entry on the path to `ipa` is locked by a writer (a
+    /// break-before-make in progress): a fault there should just let the
+    /// guest retry. Lockless.
+    pub fn is_locked(&self, ipa: Ipa) -> bool {
+        self.leaf_at(ipa, |ctx| ctx.view() == DescView::Locked)
+            .unwrap_or(false)
+    }
+
     /// Software access-flag fault path: sets AF on the leaf covering `ipa`.
     /// Returns whether a valid leaf was found (if not, the guest faults
     /// again and the fault is handled as a translation fault). Lockless.

@@ -17,6 +17,7 @@ use core::sync::atomic::Ordering;
 use hyp_abi::layout;
 use hyp_core::addr::{Ipa, PAGE_SIZE};
 use log::warn;
+use stage2::{FaultOutcome, MemType, Perms};
 use tock_registers::LocalRegisterCopy;
 
 /// What the vCPU loop does next.
@@ -136,11 +137,13 @@ fn is_uart(ipa: Ipa) -> bool {
     ipa.as_u64() >= layout::UART_IPA && ipa.as_u64() - layout::UART_IPA < layout::UART_SIZE
 }
 
-/// Backs `page` with a zeroed frame, unless another vCPU did meanwhile.
+/// Backs `page` with a zeroed frame, unless another vCPU did meanwhile:
+/// the lockless fault path, racing other vCPUs with compare-exchanges.
 fn demand_map(vm: &Vm, index: usize, ctx: &GuestContext, page: Ipa) {
     vm.stats.stage2_faults.fetch_add(1, Ordering::Relaxed);
-    let _guard = vm.fault_lock.lock();
-    if vm.stage2.translate(page).is_some() {
+    if vm.stage2.translate(page).is_some() || vm.stage2.is_locked(page) {
+        // Mapped by another vCPU meanwhile, or being moved: retry.
+        vm.stats.fault_races.fetch_add(1, Ordering::Relaxed);
         return;
     }
     let frame = match memory::alloc_zeroed_frame() {
@@ -152,14 +155,26 @@ fn demand_map(vm: &Vm, index: usize, ctx: &GuestContext, page: Ipa) {
             format_args!("cannot back guest page {page}: {e}"),
         ),
     };
-    if let Err(e) = vm.map_ram_page(page, frame.start()) {
-        memory::free_frame(frame);
-        stop_vm(
-            vm,
-            index,
-            ctx,
-            format_args!("cannot map guest page {page}: {e}"),
-        );
+    match vm
+        .stage2
+        .fault_install(page, frame.start(), Perms::RWX, MemType::Normal, false)
+    {
+        Ok(FaultOutcome::Installed) => {}
+        Ok(FaultOutcome::AlreadyMapped | FaultOutcome::Retry) => {
+            // Another vCPU won, or a writer holds the entry: the guest
+            // retries the access.
+            vm.stats.fault_races.fetch_add(1, Ordering::Relaxed);
+            memory::free_frame(frame);
+        }
+        Err(e) => {
+            memory::free_frame(frame);
+            stop_vm(
+                vm,
+                index,
+                ctx,
+                format_args!("cannot map guest page {page}: {e}"),
+            );
+        }
     }
 }
 

@@ -17,9 +17,9 @@ pub struct FrameTables;
 
 // SAFETY: frames come zeroed from the frame allocator, 4 KiB aligned, below
 // 1 << 48 (RAM on `virt`), used for nothing else until freed; RAM stays
-// identity mapped forever so `table_ptr` is valid. Tables are freed only by
-// `unmap`, which no lockless reader runs concurrently with in this VM yet
-// (the harvester and RCU-deferred freeing come with the aging work).
+// identity mapped forever so `table_ptr` is valid. `Stage2` frees a table
+// only after unlink, TLB flush and an RCU grace period, so reusing the
+// frame at once is fine.
 unsafe impl TableAlloc for FrameTables {
     fn alloc_table(&self) -> Option<PhysAddr> {
         memory::alloc_zeroed_frame().ok().map(PhysFrame::start)
@@ -50,6 +50,16 @@ impl TlbInvalidate for VmidTlb {
             core::arch::asm!("tlbi ipas2e1is, {}", in(reg) ipa.as_u64() >> 12, options(nostack));
         }
         barrier::dsb(barrier::ISH);
+    }
+
+    fn invalidate_stage1(&self) {
+        barrier::dsb(barrier::ISHST);
+        // SAFETY: invalidates stage-1 and combined entries of the current
+        // VMID on all CPUs of the inner shareable domain; no effect on
+        // memory.
+        unsafe { core::arch::asm!("tlbi vmalle1is", options(nostack)) };
+        barrier::dsb(barrier::ISH);
+        barrier::isb(barrier::SY);
     }
 
     fn invalidate_vmid(&self) {

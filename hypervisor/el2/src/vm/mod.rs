@@ -13,6 +13,7 @@
 //!
 //! Exits are handled in [`exits`]; PSCI and the vendor service in [`smccc`].
 
+mod aging;
 mod exits;
 mod guest_dtb;
 mod hw;
@@ -107,6 +108,9 @@ struct VmStats {
     stage2_faults: AtomicU64,
     af_faults: AtomicU64,
     injected_aborts: AtomicU64,
+    /// Stage-2 faults that found the page mapped (another vCPU won the
+    /// race) or locked by a writer: the guest retried.
+    fault_races: AtomicU64,
 }
 
 /// The guest.
@@ -116,9 +120,9 @@ pub struct Vm {
     ram_size: u64,
     vcpus: Vec<Vcpu>,
     stats: VmStats,
-    /// Serialises the check-then-map of demand paging so two vCPUs faulting
-    /// on the same page map one frame, not two.
-    fault_lock: Mutex<()>,
+    /// The background aging worker, if `aging_cpu=` names a CPU.
+    aging_config: Option<aging::AgingConfig>,
+    aging: aging::AgingStats,
 }
 
 impl fmt::Debug for Vm {
@@ -217,11 +221,28 @@ impl Vm {
         };
 
         let online = crate::smp::online_cpus();
+        let aging_config = match config.aging_cpu.map(|c| c as usize) {
+            Some(0) => {
+                warn!("aging_cpu=0 is the boot CPU, which runs vCPU 0: no aging worker");
+                None
+            }
+            Some(cpu) if cpu >= online => {
+                warn!("aging_cpu={cpu} but only {online} CPUs are online: no aging worker");
+                None
+            }
+            Some(cpu) => Some(aging::AgingConfig {
+                cpu,
+                migrate: config.migrate,
+            }),
+            None => None,
+        };
+        // vCPU i runs on CPU i: the worker's CPU and those above it run none.
+        let max_vcpus = aging_config.map_or(online, |a| a.cpu);
         let nvcpus = match config.guest_cpus as usize {
-            0 => online,
-            n if n > online => {
-                warn!("guest_cpus={n} but only {online} CPUs are online: using {online}");
-                online
+            0 => max_vcpus,
+            n if n > max_vcpus => {
+                warn!("guest_cpus={n} but only {max_vcpus} CPUs can run vCPUs: using {max_vcpus}");
+                max_vcpus
             }
             n => n,
         };
@@ -261,7 +282,8 @@ impl Vm {
             ram_size,
             vcpus,
             stats: VmStats::default(),
-            fault_lock: Mutex::new(()),
+            aging_config,
+            aging: aging::AgingStats::default(),
         };
         // TLB maintenance while filling stage 2 must target our VMID.
         hw::setup_this_cpu(&vm.regs, vm.vcpus[0].mpidr);
@@ -347,12 +369,23 @@ impl Vm {
             }
         }
         let frames = self.stage2.mapped_pages();
+        if self.aging_config.is_some() {
+            let a = &self.aging;
+            crate::println!(
+                "hyp: vm0 aging passes={} harvested_pages={} young={} migrated={}",
+                a.passes.load(Ordering::Relaxed),
+                a.harvested_pages.load(Ordering::Relaxed),
+                a.young.load(Ordering::Relaxed),
+                a.migrated.load(Ordering::Relaxed),
+            );
+        }
         crate::println!(
-            "hyp: vm0 stats mapped_frames={} mapped_mib={} ram_mib={} stage2_faults={} af_faults={} injected_aborts={} af={:?}",
+            "hyp: vm0 stats mapped_frames={} mapped_mib={} ram_mib={} stage2_faults={} fault_races={} af_faults={} injected_aborts={} af={:?}",
             frames,
             (frames * PAGE_SIZE) >> 20,
             self.ram_size >> 20,
             self.stats.stage2_faults.load(Ordering::Relaxed),
+            self.stats.fault_races.load(Ordering::Relaxed),
             self.stats.af_faults.load(Ordering::Relaxed),
             self.stats.injected_aborts.load(Ordering::Relaxed),
             self.regs.af,
@@ -362,7 +395,7 @@ impl Vm {
 
 /// Writes a page back to the point of coherency, so that a guest running
 /// with its MMU (and caches) off reads what the hypervisor wrote.
-fn clean_dcache_page(pa: PhysAddr) {
+pub(super) fn clean_dcache_page(pa: PhysAddr) {
     const LINE: u64 = 64;
     let mut a = pa.as_u64();
     while a < pa.as_u64() + PAGE_SIZE {
@@ -407,6 +440,11 @@ pub fn secondary_idle(index: usize) -> ! {
         }
         aarch64_cpu::asm::wfe();
     };
+    if let Some(config) = vm.aging_config.filter(|a| a.cpu == index) {
+        // TLB maintenance by the worker must target the VM's VMID.
+        hw::setup_this_cpu(&vm.regs, vm.vcpus[0].mpidr);
+        aging::run(vm, config)
+    }
     if index >= vm.vcpus.len() {
         info!("cpu{index}: no vCPU for this CPU, parking");
         power::park()
@@ -434,13 +472,18 @@ fn run_vcpu(vm: &'static Vm, index: usize, entry: u64, arg: u64) {
     let mut ctx = GuestContext::new(entry, spsr_el1h_masked(), arg);
     info!("vm0/vcpu{index}: starting at {entry:#x} (x0={arg:#x})");
     loop {
+        // Guest code holds no stage-2 references: an extended quiescent
+        // state from entry to the next exit.
+        RCU.offline();
         // SAFETY: stage 2 confines the guest to its RAM (and traps on
         // everything else), HCR_EL2 runs it at EL1 in AArch64, and `ctx`
         // is an EL1h state (setup_this_cpu ran on this CPU).
         let kind = unsafe { enter_guest(&mut ctx) };
+        RCU.online();
         match exits::handle(vm, index, &mut ctx, kind) {
             exits::Next::Resume => {}
             exits::Next::Stop(VcpuEnd::Off) => {
+                RCU.offline();
                 info!("vm0/vcpu{index}: off");
                 return;
             }
