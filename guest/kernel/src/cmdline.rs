@@ -8,6 +8,7 @@
 //! | `touch` | a size (`64M`, `4096`) | `0`     | demo: bytes of fresh RAM to touch         |
 //! | `fault` | `outside`              | none    | demo: access an IPA outside RAM/devices   |
 //! | `log`   | `info`, `debug`, `trace` | `info` | log verbosity                           |
+//! | `stress_ms` | milliseconds, `1..=3600000` | `300` | test: how long the `stress` test runs |
 //!
 //! Sizes are decimal or `0x` hexadecimal with an optional binary suffix
 //! `K`, `M` or `G` (case-insensitive). Unknown keys (and words without
@@ -50,8 +51,15 @@ pub enum Verbosity {
     Trace,
 }
 
+/// Default of `stress_ms=`.
+pub const DEFAULT_STRESS_MS: u64 = 300;
+
+/// Largest `stress_ms=`: one hour, so that a typo cannot make the suite
+/// hang for days.
+pub const MAX_STRESS_MS: u64 = 3_600_000;
+
 /// The parsed command line.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cmdline {
     /// `mode=`.
     pub mode: Mode,
@@ -61,8 +69,23 @@ pub struct Cmdline {
     pub fault: Option<Fault>,
     /// `log=`.
     pub verbosity: Verbosity,
+    /// `stress_ms=`: how long the `stress` test writes and verifies memory.
+    pub stress_ms: u64,
     /// Words whose key is not known, in order of appearance.
     pub unknown: Vec<String>,
+}
+
+impl Default for Cmdline {
+    fn default() -> Self {
+        Self {
+            mode: Mode::default(),
+            touch_bytes: 0,
+            fault: None,
+            verbosity: Verbosity::default(),
+            stress_ms: DEFAULT_STRESS_MS,
+            unknown: Vec::new(),
+        }
+    }
 }
 
 /// A known key with a value it does not accept.
@@ -81,6 +104,8 @@ pub enum CmdlineError {
     Fault(String),
     /// `log=` is not a known level.
     Verbosity(String),
+    /// `stress_ms=` is not a number in `1..=`[`MAX_STRESS_MS`].
+    StressMs(String),
 }
 
 impl fmt::Display for CmdlineError {
@@ -95,6 +120,10 @@ impl fmt::Display for CmdlineError {
             }
             Self::Fault(v) => write!(f, "fault={v}: expected `outside`"),
             Self::Verbosity(v) => write!(f, "log={v}: expected `info`, `debug` or `trace`"),
+            Self::StressMs(v) => write!(
+                f,
+                "stress_ms={v}: expected milliseconds, 1 to {MAX_STRESS_MS} (decimal or 0x hex)"
+            ),
         }
     }
 }
@@ -135,6 +164,11 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
                     _ => return Err(CmdlineError::Verbosity(value.to_string())),
                 }
             }
+            "stress_ms" => {
+                cmdline.stress_ms = parse_u64(value)
+                    .filter(|ms| (1..=MAX_STRESS_MS).contains(ms))
+                    .ok_or_else(|| CmdlineError::StressMs(value.to_string()))?
+            }
             _ => cmdline.unknown.push(key.to_string()),
         }
     }
@@ -144,6 +178,9 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
 /// Sizes are written as for the hypervisor's bootargs: `4096`, `0x1000`,
 /// `64K`, `64M`, `1G` (one parser for both, in `hyp-core`).
 pub use hyp_core::bootargs::parse_size;
+
+/// Numbers are decimal or `0x` hexadecimal, as for the hypervisor.
+use hyp_core::bootargs::parse_u64;
 
 #[cfg(test)]
 mod tests {
@@ -157,8 +194,9 @@ mod tests {
 
     #[test]
     fn all_keys() {
-        let c = parse("mode=test touch=64M fault=outside log=debug").unwrap();
+        let c = parse("mode=test touch=64M fault=outside log=debug stress_ms=2000").unwrap();
         assert_eq!(c.mode, Mode::Test);
+        assert_eq!(c.stress_ms, 2000);
         assert_eq!(c.touch_bytes, 64 << 20);
         assert_eq!(c.fault, Some(Fault::Outside));
         assert_eq!(c.verbosity, Verbosity::Debug);
@@ -170,6 +208,26 @@ mod tests {
         let c = parse("console=ttyAMA0 mode=demo quiet foo=bar=baz").unwrap();
         assert_eq!(c.unknown, ["console", "quiet", "foo"]);
         assert_eq!(c.mode, Mode::Demo);
+    }
+
+    #[test]
+    fn stress_ms() {
+        assert_eq!(parse("").unwrap().stress_ms, DEFAULT_STRESS_MS);
+        assert_eq!(DEFAULT_STRESS_MS, 300);
+        assert_eq!(parse("stress_ms=1").unwrap().stress_ms, 1);
+        assert_eq!(parse("stress_ms=0x100").unwrap().stress_ms, 256);
+        assert_eq!(parse("stress_ms=3600000").unwrap().stress_ms, MAX_STRESS_MS);
+        for bad in ["0", "3600001", "", "-5", "2s", "0x", "99999999999999999999"] {
+            assert_eq!(
+                parse(&format!("mode=test stress_ms={bad}")),
+                Err(CmdlineError::StressMs(bad.into())),
+                "stress_ms={bad}"
+            );
+        }
+        assert!(parse("stress_ms=0")
+            .unwrap_err()
+            .to_string()
+            .starts_with("stress_ms=0: expected milliseconds"));
     }
 
     #[test]

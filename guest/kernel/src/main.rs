@@ -3,7 +3,8 @@
 //!
 //! Boot (`boot.rs`) → heap → DTB (`platform.rs`) → console and command line
 //! → frame allocator → stage-1 MMU (`mmu.rs`) → secondary vCPUs
-//! (`smp.rs`) → demo (`demo.rs`) or the on-target tests (`selftest.rs`).
+//! (`smp.rs`) → demo (`demo.rs`) or the on-target tests (`selftest.rs`,
+//! with the all-vCPU memory stress in `stress.rs`).
 //!
 //! Built for `aarch64-unknown-none`. On the host only the portable parts
 //! are compiled (the command-line parser and its unit tests, run with
@@ -44,6 +45,8 @@ mod selftest;
 mod smccc_client;
 #[cfg(target_os = "none")]
 mod smp;
+#[cfg(target_os = "none")]
+mod stress;
 #[cfg(target_os = "none")]
 mod timer;
 

@@ -35,6 +35,7 @@ use crate::mmu::{self, UNBACKED_PROBE};
 use crate::power::{self, ExitCode};
 use crate::smccc_client::{self, CallError};
 use crate::smp::{BringUpError, Mpidr};
+use crate::stress::{self, StressError};
 use crate::timer;
 use crate::System;
 
@@ -58,6 +59,10 @@ const TESTS: &[(&str, TestFn)] = &[
     ("features", features),
     ("counter_runs", counter_runs),
     ("console_long_line", console_long_line),
+    // After `touch_memory_mapped_frames`, which counts freshly mapped
+    // frames (this one maps some); before the hostile tests, which find
+    // the secondaries OFF again afterwards.
+    ("stress", stress),
     ("psci_cpu_on_bad_mpidr", psci_cpu_on_bad_mpidr),
     ("psci_cpu_on_bad_entry", psci_cpu_on_bad_entry),
     ("psci_cpu_on_already_on", psci_cpu_on_already_on),
@@ -104,6 +109,8 @@ enum Failure {
     NoUndef { register: &'static str, read: u64 },
     /// Every MPIDR the test would use as "unknown" is in the DTB.
     NoUnknownMpidr,
+    /// The all-vCPU memory stress failed.
+    Stress(StressError),
 }
 
 impl fmt::Display for Failure {
@@ -131,6 +138,7 @@ impl fmt::Display for Failure {
                 f,
                 "mrs {register} returned {read:#x} without an Undefined Instruction exception"
             ),
+            Self::Stress(e) => write!(f, "{e}"),
             Self::NoUnknownMpidr => write!(
                 f,
                 "the DTB lists every MPIDR of {UNKNOWN_MPIDRS:#x?}, none is unknown"
@@ -142,6 +150,12 @@ impl fmt::Display for Failure {
 impl From<CallError> for Failure {
     fn from(e: CallError) -> Self {
         Self::Hypercall(e)
+    }
+}
+
+impl From<StressError> for Failure {
+    fn from(e: StressError) -> Self {
+        Self::Stress(e)
     }
 }
 
@@ -676,6 +690,14 @@ fn undefined_sysreg_is_undef(_: &System) -> Result<(), Failure> {
         )?;
     }
     Ok(())
+}
+
+/// Every vCPU at once writes and verifies patterns over its own memory and
+/// its interleaved words of a shared run, for `stress_ms=`; nothing may
+/// read back other than written (see `stress.rs`).
+fn stress(system: &System) -> Result<(), Failure> {
+    let duration = core::time::Duration::from_millis(system.cmdline.stress_ms);
+    Ok(stress::run(&system.platform.cpus, duration)?)
 }
 
 /// After every hostile call above, the hypervisor still answers: `STATS`
