@@ -36,18 +36,23 @@
 //! Memory ordering: all accesses to `gp` and the slots are `SeqCst`. The
 //! writer's unlink happens before its `gp` bump; a reader whose quiescent
 //! state loads the bumped `gp` synchronizes with it, so its later walks see
-//! the unlink. A CPU going online stores its slot and then (`SeqCst`)
-//! starts reading descriptors; a writer bumps `gp` and then (`SeqCst`)
-//! reads the slots: in the single total order of `SeqCst` operations either
-//! the writer sees the CPU online (and waits for it) or the CPU's walk
-//! starts after the bump and sees the unlink (the store-buffering case that
-//! `Release`/`Acquire` alone would allow).
+//! the unlink. Going online is the store-buffering case: the CPU stores its
+//! slot and then loads descriptors (`Acquire`), while the writer stores
+//! (unlinks), bumps `gp` and then loads the slots. `SeqCst` on the slot
+//! and `gp` accesses alone does not order them against the descriptor
+//! accesses, so both sides have a `SeqCst` fence: after the slot store in
+//! [`Rcu::online`] and after the bump in [`Rcu::start`]. Then either the
+//! writer sees the CPU online (and waits for it) or the CPU's walk sees the
+//! unlink. The loom model `online_race_reader_is_waited_for_or_sees_the_unlink`
+//! fails without either fence. Cost: one `dmb ish` per guest exit and per
+//! grace period started; [`Rcu::quiescent`] needs none (the reader was
+//! already online, so the writer waits for its next quiescent state).
 //!
 //! Per-CPU state is injected: the domain is told how to find the current
 //! CPU's index (`fn() -> usize`: `TPIDR_EL2` on the target, a thread-local
 //! on the host, where threads play CPUs).
 
-use crate::sync::{spin_loop, AtomicU64, Mutex, Ordering};
+use crate::sync::{fence, spin_loop, AtomicU64, Mutex, Ordering};
 
 /// Largest number of CPUs (or host threads playing CPUs) a domain tracks.
 pub const MAX_CPUS: usize = 16;
@@ -118,6 +123,9 @@ impl Rcu {
     pub fn online(&self) {
         self.slot()
             .store(self.gp.load(Ordering::SeqCst), Ordering::SeqCst);
+        // Orders the slot store before this CPU's descriptor loads (see
+        // the module documentation: the store-buffering case).
+        fence(Ordering::SeqCst);
     }
 
     /// The current CPU enters an extended quiescent state (guest code,
@@ -143,7 +151,11 @@ impl Rcu {
     /// Starts a grace period, after something was unlinked: it has elapsed
     /// when every CPU online now has passed a quiescent state.
     pub fn start(&self) -> GpTicket {
-        GpTicket(self.gp.fetch_add(1, Ordering::SeqCst) + 1)
+        let ticket = GpTicket(self.gp.fetch_add(1, Ordering::SeqCst) + 1);
+        // Orders the caller's unlink (before the bump) before the slot
+        // loads of `poll` (the other half of the store-buffering case).
+        fence(Ordering::SeqCst);
+        ticket
     }
 
     /// Whether the grace period `ticket` has elapsed. Reports a quiescent

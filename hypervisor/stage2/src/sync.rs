@@ -3,10 +3,10 @@
 //! same source is what the model checker explores.
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicU64, Ordering};
 
 #[cfg(not(loom))]
-pub(crate) use core::sync::atomic::{AtomicU64, Ordering};
+pub(crate) use core::sync::atomic::{fence, AtomicU64, Ordering};
 
 /// A busy-wait hint (under loom: a yield, so other threads make progress).
 pub(crate) fn spin_loop() {
