@@ -4,7 +4,10 @@
 //! [`Stage2::harvest`] is a lockless reader (see [`crate::table`]): one walk
 //! of the engine per batch of [`HARVEST_BATCH_PAGES`], with a quiescent
 //! state between batches so that a long harvest never holds up a grace
-//! period for more than one batch. It takes no lock and never allocates.
+//! period for more than one batch. A leaf is read and reported whole in
+//! the batch that reaches it first (the next batch starts after it), so a
+//! block larger than a batch is never half-reported. It takes no lock and
+//! never allocates.
 //!
 //! - Bit `i` of the bitmap (word `i / 64`, bit `i % 64`) is page
 //!   `ipa + i * 4 KiB`. Every word that covers part of the range is
@@ -118,9 +121,9 @@ struct AgeVisitor<'b, 'f, 'a, 'r, B: Bitmap + ?Sized, M: TableAlloc, T: TlbInval
     /// IPA of bit 0 and end of the harvested range.
     start: u64,
     end: u64,
-    /// The batch being walked: `[chunk_start, chunk_end)`.
-    chunk_start: u64,
-    chunk_end: u64,
+    /// End of the last leaf reported (or found old): everything below it
+    /// is done.
+    covered_until: u64,
     flags: HarvestFlags,
     bitmap: &'b mut B,
     /// Index of the word being assembled, its bits so far, and (MASK) its
@@ -129,10 +132,6 @@ struct AgeVisitor<'b, 'f, 'a, 'r, B: Bitmap + ?Sized, M: TableAlloc, T: TlbInval
     word: u64,
     mask: u64,
     young: u64,
-    /// The last young leaf (IPA, level): a block larger than a batch is
-    /// visited once per batch, and after the first visit cleared its flag
-    /// it is still young for the rest of this harvest.
-    last_young: Option<(u64, u8)>,
     flush: Option<&'f mut TlbBatch<'a, 'r, M, T>>,
 }
 
@@ -172,9 +171,9 @@ impl<B: Bitmap + ?Sized, M: TableAlloc, T: TlbInvalidate> AgeVisitor<'_, '_, '_,
         for skipped in self.cur + 1..w {
             self.bitmap.store(skipped, 0);
         }
+        self.mask = self.input(w);
         self.cur = w;
         self.word = 0;
-        self.mask = self.input(w);
     }
 
     /// Whether every page in `[p0, p1)` is set in the input mask.
@@ -210,34 +209,37 @@ impl<B: Bitmap + ?Sized, M: TableAlloc, T: TlbInvalidate> Visitor
     type Error = core::convert::Infallible;
 
     fn visit(&mut self, ctx: &VisitCtx<'_>) -> Result<(), Self::Error> {
+        let leaf_end = ctx.ipa.0 + ctx.size();
+        // Leaves come in address order; one that ends inside what was
+        // already reported is the child of a block split while we visited
+        // it (the engine re-reads and descends): its pages were reported.
+        if leaf_end <= self.covered_until {
+            return Ok(());
+        }
         let Some((_, attrs)) = ctx.view().leaf_parts() else {
             return Ok(());
         };
-        let this = (ctx.ipa.0, ctx.level);
-        let seen_before = self.last_young == Some(this);
-        if !attrs.af() && !seen_before {
+        // A leaf is reported whole, even past the current batch (a 1 GiB
+        // block): the next batch starts after it, so a block is read and
+        // cleared exactly once per harvest.
+        self.covered_until = leaf_end;
+        if !attrs.af() {
             return Ok(());
         }
-        self.last_young = Some(this);
-        let leaf_end = ctx.ipa.0 + ctx.size();
-        if !seen_before && self.flags.contains(HarvestFlags::CLEAR) {
-            let (p0, p1) = (
-                self.page(ctx.ipa.0.max(self.start)),
-                self.page(leaf_end.min(self.end)),
-            );
-            let clear = !self.flags.contains(HarvestFlags::MASK) || self.masked(p0, p1);
-            if clear && update_af(ctx.entry, ctx.old, ctx.level, false) == Some(true) {
-                if let Some(batch) = self.flush.as_deref_mut() {
-                    batch.ipa_changed(ctx.ipa, ctx.level);
-                }
+        let (p0, p1) = (
+            self.page(ctx.ipa.0.max(self.start)),
+            self.page(leaf_end.min(self.end)),
+        );
+        if self.flags.contains(HarvestFlags::CLEAR)
+            && (!self.flags.contains(HarvestFlags::MASK) || self.masked(p0, p1))
+            && update_af(ctx.entry, ctx.old, ctx.level, false) == Some(true)
+        {
+            if let Some(batch) = self.flush.as_deref_mut() {
+                batch.ipa_changed(ctx.ipa, ctx.level);
             }
         }
-        let (c0, c1) = (
-            self.page(ctx.ipa.0.max(self.chunk_start)),
-            self.page(leaf_end.min(self.chunk_end)),
-        );
-        self.set(c0, c1);
-        self.young += c1 - c0;
+        self.set(p0, p1);
+        self.young += p1 - p0;
         Ok(())
     }
 }
@@ -287,8 +289,7 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<'_, M, T> {
         let mut visitor = AgeVisitor {
             start: ipa.0,
             end,
-            chunk_start: ipa.0,
-            chunk_end: ipa.0,
+            covered_until: ipa.0,
             flags,
             mask: if flags.contains(HarvestFlags::MASK) {
                 bitmap.load(0)
@@ -299,21 +300,19 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<'_, M, T> {
             cur: 0,
             word: 0,
             young: 0,
-            last_young: None,
             flush: flags.contains(HarvestFlags::FLUSH).then_some(&mut batch),
         };
-        while visitor.chunk_end < end {
-            visitor.chunk_start = visitor.chunk_end;
-            visitor.chunk_end = end.min(visitor.chunk_start + HARVEST_BATCH_PAGES * PAGE_SIZE);
-            let (at, len) = (visitor.chunk_start, visitor.chunk_end - visitor.chunk_start);
-            let Ok(()) = self.walk(Ipa(at), len, WalkFlags::LEAF, &mut visitor);
-            if visitor.chunk_end < end {
+        let mut at = ipa.0;
+        while at < end {
+            let batch_end = end.min(at + HARVEST_BATCH_PAGES * PAGE_SIZE);
+            let Ok(()) = self.walk(Ipa(at), batch_end - at, WalkFlags::LEAF, &mut visitor);
+            at = batch_end.max(visitor.covered_until);
+            if at < end {
                 self.rcu().quiescent();
             }
         }
         visitor.finish(npages);
         let young = visitor.young;
-        drop(visitor);
         batch.flush();
         Ok(young)
     }

@@ -140,23 +140,25 @@ impl<'a, 'r, M: TableAlloc, T: TlbInvalidate> TlbBatch<'a, 'r, M, T> {
         self.stats.flushes += 1;
         self.n_ipas = 0;
         self.whole_vmid = false;
-        for &(pa, size) in &self.frames[..self.n_frames] {
+        // Empty the arrays before handing anything out, so that a release
+        // callback that panics cannot make `Drop` hand it out again.
+        let (frames, n_frames) = (self.frames, core::mem::take(&mut self.n_frames));
+        let (tables, n_tables) = (self.tables, core::mem::take(&mut self.n_tables));
+        self.stats.frames_released += n_frames as u64;
+        self.stats.tables_deferred += n_tables as u64;
+        for &(pa, size) in &frames[..n_frames] {
             #[cfg(feature = "check")]
             self.s2.checker().frame_released(pa, size);
             (self.release)(pa, size);
         }
-        self.stats.frames_released += self.n_frames as u64;
-        self.n_frames = 0;
-        for &pa in &self.tables[..self.n_tables] {
+        for &pa in &tables[..n_tables] {
             self.s2.defer_free_table(pa);
         }
-        if self.n_tables > 0 {
+        if n_tables > 0 {
             // Tables come only from writer-lock holders, for whom passing
             // a quiescent state here is safe (see `defer_free_table`).
             self.s2.reclaim_tables(false);
         }
-        self.stats.tables_deferred += self.n_tables as u64;
-        self.n_tables = 0;
     }
 }
 

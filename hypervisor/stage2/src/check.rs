@@ -19,6 +19,7 @@ extern crate std;
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::vec::Vec;
 
 use hyp_core::addr::PhysAddr;
 
@@ -49,8 +50,9 @@ struct State {
     /// Complete VMID invalidations so far.
     flushes: u64,
     /// Frames unmapped and not yet released: pa -> (size, `flushes` at the
-    /// unmap).
-    frames: BTreeMap<u64, (u64, u64)>,
+    /// unmap), one entry per unmapped leaf (a frame may be mapped at
+    /// several IPAs, so unmapped and released several times).
+    frames: BTreeMap<u64, Vec<(u64, u64)>>,
     /// Table pages unlinked and not yet freed.
     tables: BTreeMap<u64, PendingTable>,
 }
@@ -76,31 +78,36 @@ impl Checker {
     pub(crate) fn frame_unmapped(&self, pa: PhysAddr, size: u64) {
         let mut s = self.state();
         let at = s.flushes;
-        s.frames.insert(pa.0, (size, at));
+        s.frames.entry(pa.0).or_default().push((size, at));
     }
 
     /// `[pa, pa + size)` goes back to its owner.
     pub(crate) fn frame_released(&self, pa: PhysAddr, size: u64) {
         let mut s = self.state();
         let flushes = s.flushes;
-        match s.frames.remove(&pa.0) {
-            Some((sz, at)) if sz == size && flushes > at => {}
-            Some((_, at)) if flushes <= at => {
-                panic!("check: frame {pa} released before the TLB flush that covers its unmap")
-            }
-            other => {
-                panic!("check: release of frame {pa}+{size:#x} that is not pending ({other:?})")
-            }
+        let Some(pending) = s.frames.get_mut(&pa.0) else {
+            panic!("check: release of frame {pa}+{size:#x} that is not pending");
+        };
+        let Some(i) = pending.iter().position(|&(sz, _)| sz == size) else {
+            panic!("check: release of frame {pa}+{size:#x}, pending with another size");
+        };
+        let (_, at) = pending.swap_remove(i);
+        if pending.is_empty() {
+            s.frames.remove(&pa.0);
+        }
+        if flushes <= at {
+            panic!("check: frame {pa} released before the TLB flush that covers its unmap");
         }
     }
 
-    /// A leaf is about to map `[pa, pa + size)`.
+    /// `[pa, pa + size)` is about to be mapped by a leaf.
     pub(crate) fn leaf_installed(&self, pa: PhysAddr, size: u64) {
         let s = self.state();
         let end = pa.0 + size;
-        // The pending frame starting last at or before `end`.
-        if let Some((&start, &(len, _))) = s.frames.range(..end).next_back() {
-            if start + len > pa.0 {
+        // Pending frames are at most 1 GiB: look back that far.
+        let from = pa.0.saturating_sub(1 << 30);
+        for (&start, pending) in s.frames.range(from..end) {
+            if pending.iter().any(|&(len, _)| start + len > pa.0) {
                 panic!("check: reuse of frame {start:#x} while it is pending a TLB flush");
             }
         }

@@ -657,7 +657,12 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
     ) -> Result<(), MapError> {
         let locked = self.lock_entry(entry, old, ipa, level)?;
         self.invalidate(ipa, level, locked);
-        entry.store(make(locked));
+        let new = make(locked);
+        #[cfg(feature = "check")]
+        if let Some((pa, _)) = DescView::decode(new, level).leaf_parts() {
+            self.checker.leaf_installed(pa, level_size(level));
+        }
+        entry.store(new);
         Ok(())
     }
 

@@ -1,14 +1,42 @@
 //! Host doubles of the injected services: a checking table allocator over
-//! heap pages and a recording TLB.
+//! heap pages and a recording TLB; and a stand-in for the hardware walker's
+//! access-flag update ([`hw_touch`]).
+//!
+//! Shared by the `stage2` and `stress` test binaries (the latter includes
+//! this file with `#[path]`), so an item one of them does not use carries
+//! its own `allow(dead_code)`.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::vec::Vec;
 
-use hyp_core::addr::{Ipa, PhysAddr};
+use hyp_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
 use stage2::desc::{level_shift, DescView, Descriptor, ENTRIES};
-use stage2::{Rcu, TableAlloc, TlbInvalidate};
+use stage2::{
+    MapFlags, Rcu, S2Attrs, Stage2, TableAlloc, TlbInvalidate, VisitCtx, Visitor, WalkFlags,
+};
+
+/// Sizes the tests use.
+#[allow(dead_code, reason = "not every test binary uses every size")]
+pub const KIB4: u64 = 0x1000;
+#[allow(dead_code, reason = "not every test binary uses every size")]
+pub const MIB2: u64 = 0x20_0000;
+#[allow(dead_code, reason = "not every test binary uses every size")]
+pub const GIB1: u64 = 0x4000_0000;
+/// Page mappings with the access flag set.
+#[allow(dead_code, reason = "used by the `stage2` binary only")]
+pub const PAGES: MapFlags = MapFlags {
+    af: true,
+    allow_blocks: false,
+};
+/// Block mappings (where aligned) with the access flag set.
+#[allow(dead_code, reason = "used by the `stage2` binary only")]
+pub const BLOCKS: MapFlags = MapFlags {
+    af: true,
+    allow_blocks: true,
+};
 
 std::thread_local! {
     /// The CPU index this thread plays in an RCU domain.
@@ -69,6 +97,7 @@ impl HostAlloc {
     }
 
     /// An allocator that fails once `pages` table pages are live.
+    #[allow(dead_code, reason = "not used by every test binary")]
     pub fn with_limit(pages: usize) -> Self {
         Self {
             state: Mutex::default(),
@@ -216,11 +245,13 @@ impl<'a> RecordingTlb<'a> {
     }
 
     /// Tells the TLB which table it serves, so events carry entry values.
+    #[allow(dead_code, reason = "not used by every test binary")]
     pub fn attach(&self, root: PhysAddr) {
         *self.root.lock().unwrap() = Some(root);
     }
 
     /// Takes the recorded events.
+    #[allow(dead_code, reason = "not used by every test binary")]
     pub fn take(&self) -> Vec<TlbEvent> {
         std::mem::take(&mut *self.events.lock().unwrap())
     }
@@ -257,4 +288,68 @@ impl TlbInvalidate for RecordingTlb<'_> {
             self.events.lock().unwrap().push(TlbEvent::Vmid { entry });
         }
     }
+}
+
+/// What [`hw_touch`] found at the IPA it touched.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Touch {
+    /// Level of the valid leaf that maps the IPA.
+    pub level: u8,
+    /// Whether its access flag was already set (the hardware writes nothing
+    /// then).
+    pub was_young: bool,
+}
+
+/// Accesses `ipa` the way a CPU with hardware access-flag management
+/// (`VTCR_EL2.HA`) does: if a valid leaf maps it, set its AF with an atomic
+/// compare-exchange of the whole descriptor, retried while the entry stays a
+/// valid leaf; never write an invalid, locked or table entry. `None`: no
+/// valid leaf (the access would take a stage-2 fault).
+///
+/// Lockless like the harvester: in a multi-threaded test the calling thread
+/// must be online in the table's RCU domain.
+pub fn hw_touch<M: TableAlloc, T: TlbInvalidate>(s2: &Stage2<'_, M, T>, ipa: Ipa) -> Option<Touch> {
+    struct HwAf(Option<Touch>);
+    impl Visitor for HwAf {
+        type Error = core::convert::Infallible;
+        fn visit(&mut self, ctx: &VisitCtx<'_>) -> Result<(), Self::Error> {
+            let raw = descriptor_word(ctx.entry);
+            let mut old = raw.load(Ordering::Acquire);
+            self.0 = loop {
+                if DescView::decode(old, ctx.level).leaf_parts().is_none() {
+                    break None;
+                }
+                let touch = |was_young| Touch {
+                    level: ctx.level,
+                    was_young,
+                };
+                if old & S2Attrs::AF.bits() != 0 {
+                    break Some(touch(true));
+                }
+                let new = old | S2Attrs::AF.bits();
+                match raw.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => break Some(touch(false)),
+                    Err(now) => old = now,
+                }
+            };
+            Ok(())
+        }
+    }
+    let mut visitor = HwAf(None);
+    let Ok(()) = s2.walk(
+        ipa.align_down(PAGE_SIZE),
+        PAGE_SIZE,
+        WalkFlags::LEAF,
+        &mut visitor,
+    );
+    visitor.0
+}
+
+/// The atomic word of a descriptor, for the writes only the hardware walker
+/// makes (the crate keeps `Descriptor`'s own writers private).
+fn descriptor_word(entry: &Descriptor) -> &AtomicU64 {
+    // SAFETY: `Descriptor` is `#[repr(transparent)]` over `AtomicU64`, so the
+    // pointer cast keeps size, alignment and validity, and the lifetime is
+    // that of `entry`; an atomic may be written through a shared reference.
+    unsafe { &*(entry as *const Descriptor).cast::<AtomicU64>() }
 }

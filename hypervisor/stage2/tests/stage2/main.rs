@@ -1,7 +1,12 @@
 //! Host tests of the stage-2 table through its public API: behaviour of
-//! each operation (`ops`) and a property test against a model (`model`).
+//! each operation (`ops`), a property test against a model (`model`), the
+//! harvester (`age`), the lockless fault path and migration (`fault`), and
+//! TLB batching with the checking mode (`batch`).
 
+mod age;
+mod batch;
 mod common;
+mod fault;
 mod model;
 mod ops;
 

@@ -12,10 +12,9 @@ use stage2::{
     DescView, MapError, MapFlags, MemType, Perms, S2Attrs, VisitCtx, VisitKind, Visitor, WalkFlags,
 };
 
-use crate::common::{HostAlloc, RecordingTlb};
+use crate::common::{HostAlloc, RecordingTlb, KIB4};
 use crate::{new_s2, S2};
 
-const KIB4: u64 = 0x1000;
 const MIB2_PAGES: u64 = 512;
 /// A small window probed page by page.
 const WIN: u64 = 0x4000_0000;

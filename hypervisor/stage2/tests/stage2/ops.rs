@@ -8,20 +8,8 @@ use hyp_core::addr::{Ipa, PhysAddr};
 use stage2::desc::LOCKED;
 use stage2::{MapError, MapFlags, MemType, Perms, Stage2, Stage2Error, Translation};
 
-use crate::common::{HostAlloc, RecordingTlb, TlbEvent};
+use crate::common::{HostAlloc, RecordingTlb, TlbEvent, BLOCKS, GIB1, KIB4, MIB2, PAGES};
 use crate::new_s2;
-
-const KIB4: u64 = 0x1000;
-const MIB2: u64 = 0x20_0000;
-const GIB1: u64 = 0x4000_0000;
-const PAGES: MapFlags = MapFlags {
-    af: true,
-    allow_blocks: false,
-};
-const BLOCKS: MapFlags = MapFlags {
-    af: true,
-    allow_blocks: true,
-};
 
 fn rw(level: u8, pa: u64) -> Option<Translation> {
     Some(Translation {
