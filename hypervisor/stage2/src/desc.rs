@@ -220,6 +220,7 @@ impl DescView {
     /// Decodes `raw` read at `level`. Encodings the architecture treats as
     /// faults (a block at level 0, bit 1 clear at level 3) decode as
     /// [`DescView::Invalid`].
+    #[inline]
     pub const fn decode(raw: u64, level: u8) -> Self {
         if raw & S2Attrs::VALID.bits() == 0 {
             return if raw & LOCKED != 0 {
@@ -249,6 +250,7 @@ impl DescView {
 
     /// The raw descriptor. Address bits outside the output-address field of
     /// the entry's level are dropped; a `Block` must have level 1 or 2.
+    #[inline]
     pub const fn encode(self) -> u64 {
         let valid = S2Attrs::VALID.bits();
         let tp = S2Attrs::TABLE_OR_PAGE.bits();
@@ -275,6 +277,7 @@ impl DescView {
     }
 
     /// Output address and attributes of a valid leaf.
+    #[inline]
     pub const fn leaf_parts(self) -> Option<(PhysAddr, S2Attrs)> {
         match self {
             Self::Block { pa, attrs, .. } | Self::Page { pa, attrs } => Some((pa, attrs)),
@@ -297,16 +300,19 @@ impl Descriptor {
     }
 
     /// The current raw value (`Acquire`).
+    #[inline]
     pub fn load(&self) -> u64 {
         self.0.load(Ordering::Acquire)
     }
 
     /// The current value decoded as an entry at `level`.
+    #[inline]
     pub fn view(&self, level: u8) -> DescView {
         DescView::decode(self.load(), level)
     }
 
     /// Publishes `raw` (`Release`).
+    #[inline]
     pub(crate) fn store(&self, raw: u64) {
         #[cfg(feature = "check")]
         crate::check::transition(self.0.swap(raw, Ordering::AcqRel), raw);
@@ -317,6 +323,7 @@ impl Descriptor {
     /// Replaces `current` by `new` if the entry still holds `current`;
     /// otherwise returns the value found. `AcqRel` on success, `Acquire`
     /// on failure.
+    #[inline]
     pub(crate) fn compare_exchange(&self, current: u64, new: u64) -> Result<u64, u64> {
         let result = self
             .0

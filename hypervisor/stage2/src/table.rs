@@ -791,6 +791,7 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
 /// (holding `old` at `level`) with a compare-exchange loop, so that a
 /// concurrent lock by a writer is never overwritten. Returns the previous
 /// AF, or `None` if the entry is not a valid leaf.
+#[inline]
 pub(crate) fn update_af(entry: &Descriptor, mut old: u64, level: u8, set: bool) -> Option<bool> {
     loop {
         let (_, attrs) = DescView::decode(old, level).leaf_parts()?;

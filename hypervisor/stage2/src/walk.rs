@@ -67,11 +67,13 @@ pub struct VisitCtx<'a> {
 
 impl VisitCtx<'_> {
     /// Bytes the entry covers.
+    #[inline]
     pub const fn size(&self) -> u64 {
         level_size(self.level)
     }
 
     /// `old` decoded at the entry's level.
+    #[inline]
     pub const fn view(&self) -> DescView {
         DescView::decode(self.old, self.level)
     }
