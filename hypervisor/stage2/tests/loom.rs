@@ -200,6 +200,31 @@ where
     })
 }
 
+/// Spawns the reader most models use, playing `cpu` (already online): two
+/// read-side sections on `slot` with a quiescent state between them, then
+/// offline.
+fn spawn_two_section_reader(w: &Arc<World>, cpu: usize) -> JoinHandle<()> {
+    let w = w.clone();
+    spawn_cpu(cpu, move || {
+        w.deref(&w.slot);
+        w.rcu.quiescent();
+        w.deref(&w.slot);
+        w.rcu.offline();
+    })
+}
+
+/// Spawns the second writer of the concurrent-deferrer models, playing
+/// [`WRITER2`]: unlinks `slot2`, defers the object on `q`, then reclaims
+/// without waiting; returns how many it freed.
+fn spawn_second_deferrer(w: &Arc<World>, q: &Arc<DeferQueue<usize, 2>>) -> JoinHandle<usize> {
+    let (w, q) = (w.clone(), q.clone());
+    spawn_cpu(WRITER2, move || {
+        let d = w.replace(&w.slot2, C);
+        q.defer(&w.rcu, d, |_| unreachable!("queue not full"));
+        q.reclaim(&w.rcu, false, |obj| w.free(obj))
+    })
+}
+
 /// Explores `model` over every interleaving, or with at most
 /// `preemptions` preemptions per execution when given (for the models
 /// with three threads), and prints the number of executions explored
@@ -234,15 +259,7 @@ fn synchronize_keeps_a_read_object_alive() {
     check(None, || {
         let w = World::new();
         w.online_before_spawn(READER);
-        let reader = {
-            let w = w.clone();
-            spawn_cpu(READER, move || {
-                w.deref(&w.slot);
-                w.rcu.quiescent();
-                w.deref(&w.slot);
-                w.rcu.offline();
-            })
-        };
+        let reader = spawn_two_section_reader(&w, READER);
         let old = w.unlink(B);
         w.rcu.synchronize();
         w.free(old);
@@ -259,15 +276,7 @@ fn synchronize_waits_for_every_online_reader() {
         let w = World::new();
         w.online_before_spawn(READER);
         w.online_before_spawn(READER2);
-        let readers = [READER, READER2].map(|cpu| {
-            let w = w.clone();
-            spawn_cpu(cpu, move || {
-                w.deref(&w.slot);
-                w.rcu.quiescent();
-                w.deref(&w.slot);
-                w.rcu.offline();
-            })
-        });
+        let readers = [READER, READER2].map(|cpu| spawn_two_section_reader(&w, cpu));
         let old = w.unlink(B);
         w.rcu.synchronize();
         w.free(old);
@@ -285,15 +294,7 @@ fn each_ticket_protects_what_was_unlinked_before_it() {
     check(None, || {
         let w = World::new();
         w.online_before_spawn(READER);
-        let reader = {
-            let w = w.clone();
-            spawn_cpu(READER, move || {
-                w.deref(&w.slot);
-                w.rcu.quiescent();
-                w.deref(&w.slot);
-                w.rcu.offline();
-            })
-        };
+        let reader = spawn_two_section_reader(&w, READER);
         let a = w.unlink(B);
         let t1 = w.rcu.start();
         let b = w.unlink(C);
@@ -376,15 +377,7 @@ fn defer_queue_frees_after_the_grace_period_once_and_in_order() {
         let w = World::new();
         let q: DeferQueue<usize, 2> = DeferQueue::new();
         w.online_before_spawn(READER);
-        let reader = {
-            let w = w.clone();
-            spawn_cpu(READER, move || {
-                w.deref(&w.slot);
-                w.rcu.quiescent();
-                w.deref(&w.slot);
-                w.rcu.offline();
-            })
-        };
+        let reader = spawn_two_section_reader(&w, READER);
         let mut freed = Vec::new();
         let mut free = |obj| {
             w.free(obj);
@@ -412,15 +405,7 @@ fn defer_on_a_full_queue_waits_for_the_oldest_grace_period() {
         let w = World::new();
         let q: DeferQueue<usize, 1> = DeferQueue::new();
         w.online_before_spawn(READER);
-        let reader = {
-            let w = w.clone();
-            spawn_cpu(READER, move || {
-                w.deref(&w.slot);
-                w.rcu.quiescent();
-                w.deref(&w.slot);
-                w.rcu.offline();
-            })
-        };
+        let reader = spawn_two_section_reader(&w, READER);
         let mut freed = Vec::new();
         let mut free = |obj| {
             w.free(obj);
@@ -490,14 +475,7 @@ fn concurrent_deferrers_free_each_item_exactly_once() {
     check(None, || {
         let w = World::new();
         let q = Arc::new(DeferQueue::<usize, 2>::new());
-        let second = {
-            let (w, q) = (w.clone(), q.clone());
-            spawn_cpu(WRITER2, move || {
-                let d = w.replace(&w.slot2, C);
-                q.defer(&w.rcu, d, |_| unreachable!("queue not full"));
-                q.reclaim(&w.rcu, false, |obj| w.free(obj))
-            })
-        };
+        let second = spawn_second_deferrer(&w, &q);
         let a = w.unlink(B);
         q.defer(&w.rcu, a, |_| unreachable!("queue not full"));
         // Not `mine >= 1`: the other writer's `reclaim` may have taken `A`
@@ -532,14 +510,7 @@ fn concurrent_deferrers_never_free_under_a_reader() {
                 w.rcu.offline();
             })
         };
-        let second = {
-            let (w, q) = (w.clone(), q.clone());
-            spawn_cpu(WRITER2, move || {
-                let d = w.replace(&w.slot2, C);
-                q.defer(&w.rcu, d, |_| unreachable!("queue not full"));
-                q.reclaim(&w.rcu, false, |obj| w.free(obj))
-            })
-        };
+        let second = spawn_second_deferrer(&w, &q);
         let a = w.unlink(B);
         q.defer(&w.rcu, a, |_| unreachable!("queue not full"));
         let mine = q.reclaim(&w.rcu, true, |obj| w.free(obj));
