@@ -133,9 +133,11 @@ pub struct Stage2<'r, M: TableAlloc, T: TlbInvalidate> {
     /// [`Stage2::skip_flush_for_test`]).
     #[cfg(feature = "check")]
     skip_flush: core::sync::atomic::AtomicBool,
-    /// Leaf coverage in 4 KiB pages (`Relaxed`, written under `writer`).
+    /// Leaf coverage in 4 KiB pages (`Relaxed` atomic adds: statistics,
+    /// updated by locked and lockless writers alike).
     mapped_pages: AtomicU64,
-    /// Table pages in use, root included (`Relaxed`, written under `writer`).
+    /// Table pages in use, root included, freed-but-deferred pages
+    /// included until their grace period ends (`Relaxed`, as above).
     table_pages: AtomicU64,
 }
 
@@ -183,11 +185,6 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
     /// The RCU domain of the CPUs that walk these tables.
     pub fn rcu(&self) -> &'r Rcu {
         self.rcu
-    }
-
-    /// The injected table allocator.
-    pub fn mm(&self) -> &M {
-        &self.mm
     }
 
     /// A TLB batch whose pending frames go to `release(pa, size)` once the
@@ -346,12 +343,11 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
         })
     }
 
-    /// Whether the entry on the path to `ipa` is locked by a writer (a
-    /// break-before-make in progress): a fault there should just let the
-    /// guest retry. Lockless.
-    pub fn is_locked(&self, ipa: Ipa) -> bool {
-        self.leaf_at(ipa, |ctx| ctx.view() == DescView::Locked)
-            .unwrap_or(false)
+    /// The entry that ends the walk to `ipa` (a leaf, an invalid slot, or
+    /// a writer's lock), decoded; `None` outside the IPA space. Lockless:
+    /// one walk that tells "mapped", "empty" and "being changed" apart.
+    pub fn leaf_view(&self, ipa: Ipa) -> Option<DescView> {
+        self.leaf_at(ipa, |ctx| ctx.view())
     }
 
     /// Software access-flag fault path: sets AF on the leaf covering `ipa`.

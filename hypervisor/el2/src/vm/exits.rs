@@ -17,7 +17,7 @@ use core::sync::atomic::Ordering;
 use hyp_abi::layout;
 use hyp_core::addr::{Ipa, PAGE_SIZE};
 use log::warn;
-use stage2::{FaultOutcome, MemType, Perms};
+use stage2::{DescView, FaultOutcome, MemType, Perms};
 use tock_registers::LocalRegisterCopy;
 
 /// What the vCPU loop does next.
@@ -141,7 +141,7 @@ fn is_uart(ipa: Ipa) -> bool {
 /// the lockless fault path, racing other vCPUs with compare-exchanges.
 fn demand_map(vm: &Vm, index: usize, ctx: &GuestContext, page: Ipa) {
     vm.stats.stage2_faults.fetch_add(1, Ordering::Relaxed);
-    if vm.stage2.translate(page).is_some() || vm.stage2.is_locked(page) {
+    if vm.stage2.leaf_view(page) != Some(DescView::Invalid) {
         // Mapped by another vCPU meanwhile, or being moved: retry.
         vm.stats.fault_races.fetch_add(1, Ordering::Relaxed);
         return;
