@@ -16,7 +16,7 @@ use hyp_core::addr::{Ipa, PhysAddr, PhysFrame, PAGE_SIZE};
 use log::{info, warn};
 use stage2::MigrateOutcome;
 
-use super::{clean_dcache_page, Vm, RCU};
+use super::{fill_frame, Vm, RCU};
 use crate::memory;
 
 /// Pages harvested per call (2 MiB): the bitmap lives on the stack.
@@ -126,14 +126,7 @@ fn migrate_pass(vm: &Vm, count: u32, rng: &mut XorShift) {
             // SAFETY: both frames are identity-mapped guest RAM frames; the
             // old one is locked out of the guest (entry locked, TLB
             // invalidated), the new one is ours and not yet mapped.
-            unsafe {
-                core::ptr::copy_nonoverlapping(
-                    old.as_u64() as *const u8,
-                    new.as_u64() as *mut u8,
-                    PAGE_SIZE as usize,
-                );
-            }
-            clean_dcache_page(new);
+            unsafe { fill_frame(new, old.as_u64() as *const u8, PAGE_SIZE as usize) };
         };
         match vm.stage2.migrate_page(ipa, frame.start(), &mut batch, copy) {
             Ok(MigrateOutcome::Moved { .. }) => {

@@ -322,16 +322,9 @@ impl Vm {
             let frame = memory::alloc_zeroed_frame().map_err(stage2_err)?;
             let n = (len - off).min(PAGE_SIZE);
             // SAFETY: `src + off .. + n` is inside the source (the loader
-            // module or the DTB vector), the frame is fresh and identity
-            // mapped; the two do not overlap.
-            unsafe {
-                core::ptr::copy_nonoverlapping(
-                    src.add(off as usize),
-                    frame.start().as_u64() as *mut u8,
-                    n as usize,
-                );
-            }
-            clean_dcache_page(frame.start());
+            // module or the DTB vector), the frame is fresh, ours and
+            // identity mapped; the two do not overlap.
+            unsafe { fill_frame(frame.start(), src.add(off as usize), n as usize) };
             self.map_ram_page(ipa.add(off), frame.start())?;
             off += PAGE_SIZE;
         }
@@ -393,9 +386,24 @@ impl Vm {
     }
 }
 
+/// Copies `len` bytes from `src` to the start of guest frame `frame` and
+/// makes them visible to a guest running with caches or MMU off, and to
+/// its instruction fetches ([`clean_dcache_page`]).
+///
+/// # Safety
+///
+/// `src..src + len` is readable, `len <= PAGE_SIZE`, `frame` is an
+/// identity-mapped frame nobody else writes meanwhile, and the two do not
+/// overlap.
+pub(super) unsafe fn fill_frame(frame: PhysAddr, src: *const u8, len: usize) {
+    // SAFETY: the caller's guarantees.
+    unsafe { core::ptr::copy_nonoverlapping(src, frame.as_u64() as *mut u8, len) };
+    clean_dcache_page(frame);
+}
+
 /// Writes a page back to the point of coherency, so that a guest running
 /// with its MMU (and caches) off reads what the hypervisor wrote.
-pub(super) fn clean_dcache_page(pa: PhysAddr) {
+fn clean_dcache_page(pa: PhysAddr) {
     const LINE: u64 = 64;
     let mut a = pa.as_u64();
     while a < pa.as_u64() + PAGE_SIZE {
