@@ -1,0 +1,2 @@
+//! The guest-side reclaimer (skeleton; being written).
+#![cfg_attr(not(test), no_std)]
