@@ -76,9 +76,35 @@ pub mod func {
     /// `EXIT(code)`: test-only. Ends the whole machine; QEMU's exit status is
     /// `code` (0..=255). Never returns on success.
     pub const EXIT: u32 = vendor_hyp_fast64(0x0001);
-    /// `STATS() -> x0 = SUCCESS, x1 = guest frames mapped in stage 2,
-    /// x2 = stage-2 translation faults served, x3 = access-flag faults served`.
+    /// `STATS(group) -> x0 = SUCCESS, x1..x3` = three counters of `group`
+    /// ([`super::stats_group`]); an unknown group is `INVALID_PARAMETER`.
     pub const STATS: u32 = vendor_hyp_fast64(0x0002);
+    /// `AGING_FEATURES()`: `x0` = the supported [`super::age_flags`]
+    /// bits, `x1` = most pages per `AGING_TEST_CLEAR`, `x2` = most pages
+    /// per `MEM_RELEASE`, `x3` = the AF mode ([`super::AfMode`]).
+    pub const AGING_FEATURES: u32 = vendor_hyp_fast64(0x0003);
+    /// `AGING_TEST_CLEAR(ipa, npages, bitmap_ipa, flags) -> x0 = young
+    /// pages`: bit `i` of the bitmap at `bitmap_ipa` (word `i / 64`, bit
+    /// `i % 64`, little-endian u64 words) is set when page `ipa + i * 4 KiB`
+    /// was accessed since its Access Flag was last cleared; `flags` are
+    /// [`super::age_flags`]. See docs/ABI.md for every limit and error.
+    pub const AGING_TEST_CLEAR: u32 = vendor_hyp_fast64(0x0004);
+    /// `MEM_RELEASE(ipa, npages) -> x0 = pages that were backed and are
+    /// not any more, x1 = stage-2 table pages unlinked`: the guest gives
+    /// the frames behind the range back; the next access to a released
+    /// page gets a zeroed frame.
+    pub const MEM_RELEASE: u32 = vendor_hyp_fast64(0x0005);
+    /// `STORE_PUT(key, ipa) -> x0 = SUCCESS, x1 = bytes the page takes in
+    /// the store`: compresses the guest page at `ipa` into the store under
+    /// `key`, replacing an entry of the same key.
+    pub const STORE_PUT: u32 = vendor_hyp_fast64(0x0006);
+    /// `STORE_GET(key, ipa) -> x0 = SUCCESS`: writes the page stored under
+    /// `key` to the guest page at `ipa` and removes it from the store (an
+    /// exclusive get). A missing key is `NOT_FOUND`; the page is untouched.
+    pub const STORE_GET: u32 = vendor_hyp_fast64(0x0007);
+    /// `STORE_DROP(key) -> x0 = SUCCESS`: forgets the page under `key`
+    /// (`NOT_FOUND` if there is none).
+    pub const STORE_DROP: u32 = vendor_hyp_fast64(0x0008);
 
     /// Call number (the low 16 bits) of a vendor function ID.
     pub const fn number(id: u32) -> u16 {
@@ -96,6 +122,55 @@ pub mod feature {
     pub const EXIT: u64 = 1 << func::number(func::EXIT);
     /// `STATS`.
     pub const STATS: u64 = 1 << func::number(func::STATS);
+    /// `AGING_FEATURES` and `AGING_TEST_CLEAR`.
+    pub const AGING: u64 = (1 << func::number(func::AGING_FEATURES))
+        | (1 << func::number(func::AGING_TEST_CLEAR));
+    /// `MEM_RELEASE`.
+    pub const MEM_RELEASE: u64 = 1 << func::number(func::MEM_RELEASE);
+    /// `STORE_PUT`, `STORE_GET` and `STORE_DROP`.
+    pub const STORE: u64 = (1 << func::number(func::STORE_PUT))
+        | (1 << func::number(func::STORE_GET))
+        | (1 << func::number(func::STORE_DROP));
+    /// Every call of this revision.
+    pub const ALL: u64 = FEATURES | EXIT | STATS | AGING | MEM_RELEASE | STORE;
+}
+
+/// The `flags` of `AGING_TEST_CLEAR`.
+pub mod age_flags {
+    /// Clear the Access Flag of the young pages.
+    pub const CLEAR: u64 = 1 << 0;
+    /// With `CLEAR`: the bitmap is also an input; only the pages whose bit
+    /// is set in it are cleared (every young page is still reported).
+    pub const MASK: u64 = 1 << 1;
+    /// With `CLEAR`: invalidate the TLB entries of the cleared pages, so a
+    /// cached translation cannot hide the next access.
+    pub const FLUSH: u64 = 1 << 2;
+    /// Every defined bit.
+    pub const ALL: u64 = CLEAR | MASK | FLUSH;
+}
+
+/// Limits of the vendor calls (also returned by `AGING_FEATURES`).
+pub mod limits {
+    /// Most pages one `AGING_TEST_CLEAR` covers (1 GiB; a 32 KiB bitmap).
+    pub const AGING_MAX_PAGES: u64 = 1 << 18;
+    /// Most pages one `MEM_RELEASE` covers (16 MiB).
+    pub const RELEASE_MAX_PAGES: u64 = 1 << 12;
+}
+
+/// Groups of `STATS` counters (`x1` of the call), each answering three
+/// counters in `x1..x3`.
+pub mod stats_group {
+    /// Stage-2 faults: guest frames mapped, translation faults served,
+    /// Access-flag faults served.
+    pub const FAULTS: u64 = 0;
+    /// Stage-2 memory: table pages in use, table pages freed since boot,
+    /// pages released by `MEM_RELEASE` since boot.
+    pub const MEMORY: u64 = 1;
+    /// The page store: entries, bytes stored (compressed), host frames used.
+    pub const STORE: u64 = 2;
+    /// Aging calls: `AGING_TEST_CLEAR` calls, pages they covered, calls
+    /// rejected (any vendor call answered with an error).
+    pub const AGING: u64 = 3;
 }
 
 /// How the stage-2 Access Flag is maintained for this VM.
@@ -137,6 +212,11 @@ pub mod error {
     pub const NOT_REQUIRED: i64 = -2;
     /// An argument is invalid (alignment, range, flags).
     pub const INVALID_PARAMETER: i64 = -3;
+    /// The hypervisor has no memory for this (the page store is full, or
+    /// no frame is free).
+    pub const NO_MEMORY: i64 = -4;
+    /// The key is not in the page store.
+    pub const NOT_FOUND: i64 = -5;
 }
 
 /// An error answer of the vendor service, decoded from x0.
@@ -148,6 +228,10 @@ pub enum HypError {
     NotRequired,
     /// [`error::INVALID_PARAMETER`].
     InvalidParameter,
+    /// [`error::NO_MEMORY`].
+    NoMemory,
+    /// [`error::NOT_FOUND`].
+    NotFound,
     /// Any other negative value.
     Unknown(i64),
 }
@@ -159,6 +243,8 @@ impl HypError {
             Self::NotSupported => error::NOT_SUPPORTED,
             Self::NotRequired => error::NOT_REQUIRED,
             Self::InvalidParameter => error::INVALID_PARAMETER,
+            Self::NoMemory => error::NO_MEMORY,
+            Self::NotFound => error::NOT_FOUND,
             Self::Unknown(v) => v,
         }
     }
@@ -171,6 +257,8 @@ impl HypError {
             error::NOT_SUPPORTED => Err(Self::NotSupported),
             error::NOT_REQUIRED => Err(Self::NotRequired),
             error::INVALID_PARAMETER => Err(Self::InvalidParameter),
+            error::NO_MEMORY => Err(Self::NoMemory),
+            error::NOT_FOUND => Err(Self::NotFound),
             other => Err(Self::Unknown(other)),
         }
     }
@@ -182,6 +270,8 @@ impl core::fmt::Display for HypError {
             Self::NotSupported => f.write_str("not supported"),
             Self::NotRequired => f.write_str("not required"),
             Self::InvalidParameter => f.write_str("invalid parameter"),
+            Self::NoMemory => f.write_str("no memory"),
+            Self::NotFound => f.write_str("not found"),
             Self::Unknown(v) => write!(f, "unknown error {v}"),
         }
     }
@@ -198,6 +288,9 @@ mod tests {
         assert_eq!(func::FEATURES, 0xC600_0000);
         assert_eq!(func::EXIT, 0xC600_0001);
         assert_eq!(feature::STATS, 1 << 2);
+        assert_eq!(func::AGING_TEST_CLEAR, 0xC600_0004);
+        assert_eq!(func::STORE_DROP, 0xC600_0008);
+        assert_eq!(feature::ALL, 0x1ff);
     }
 
     #[test]
@@ -206,6 +299,8 @@ mod tests {
             HypError::NotSupported,
             HypError::NotRequired,
             HypError::InvalidParameter,
+            HypError::NoMemory,
+            HypError::NotFound,
         ] {
             assert_eq!(HypError::check(e.code() as u64), Err(e));
         }

@@ -13,6 +13,7 @@
 //! | `af=auto\|hw\|sw` | stage-2 Access Flag: hardware if present, forced hardware, forced software | `auto` |
 //! | `fault=el2\|panic` | test only: trigger an EL2 data abort or a panic after boot | none |
 //! | `aging_cpu=N` | physical CPU that runs the background aging worker instead of a vCPU (range-checked against the CPU count at boot) | none (no worker) |
+//! | `store=SIZE` | most host memory the compressed page store may use (`K`/`M`/`G`, a multiple of 4K; 0 = no store) | `64M` |
 //! | `migrate=N` | migration stress: guest pages the aging worker moves to new frames per pass, `0..=4096` (0 = off) | `0` |
 //! | `guest.KEY=VALUE` | passed to the guest's own `/chosen/bootargs` as `KEY=VALUE` | |
 
@@ -64,6 +65,9 @@ pub struct BootConfig {
     /// Migration stress: how many random guest pages the aging worker
     /// moves to new frames per pass (0 = off, at most [`MAX_MIGRATE`]).
     pub migrate: u32,
+    /// Bytes of host memory the compressed page store may use (whole
+    /// frames; 0 disables the store).
+    pub store_size: u64,
     /// The guest's command line, assembled from `guest.KEY=VALUE` options.
     pub guest_bootargs: String,
 }
@@ -79,6 +83,7 @@ impl Default for BootConfig {
             fault: None,
             aging_cpu: None,
             migrate: 0,
+            store_size: 64 << 20,
             guest_bootargs: String::new(),
         }
     }
@@ -221,6 +226,10 @@ impl BootConfig {
                     .filter(|&n| n <= MAX_MIGRATE)
                     .map(|n| cfg.migrate = n)
                     .ok_or_else(|| bad("pages per pass, 0..=4096")),
+                "store" => parse_size(value)
+                    .filter(|&s| s % 4096 == 0)
+                    .map(|s| cfg.store_size = s)
+                    .ok_or_else(|| bad("a multiple of 4K (0 = no store)")),
                 _ => match key.strip_prefix("guest.") {
                     Some(k) if !k.is_empty() => {
                         guest_args.push(&token["guest.".len()..]);
@@ -269,7 +278,11 @@ mod tests {
         assert_eq!(cfg.fault, Some(FaultInjection::El2DataAbort));
         assert_eq!(cfg.aging_cpu, Some(3));
         assert_eq!(cfg.migrate, 64);
+        assert_eq!(cfg.store_size, 64 << 20, "the default");
         assert_eq!(cfg.guest_bootargs, "mode=test touch=64M");
+        let (cfg, errs) = BootConfig::parse("store=2M store=5");
+        assert_eq!(cfg.store_size, 2 << 20);
+        assert_eq!(errs.len(), 1, "store=5 is not a multiple of 4K");
     }
 
     #[test]

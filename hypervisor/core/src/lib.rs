@@ -15,3 +15,4 @@ extern crate std;
 pub mod addr;
 pub mod bootargs;
 pub mod frames;
+pub mod hypercall;
