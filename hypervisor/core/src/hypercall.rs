@@ -154,7 +154,7 @@ pub fn page_range(
     npages: u64,
     max: u64,
 ) -> Result<PageRange, ArgError> {
-    if ipa % PAGE_SIZE != 0 {
+    if !ipa.is_multiple_of(PAGE_SIZE) {
         return Err(ArgError::Unaligned {
             what,
             value: ipa,
@@ -199,7 +199,7 @@ pub fn page(ram: &GuestRam, what: &'static str, ipa: u64) -> Result<PageRange, A
 /// aligned and wholly inside RAM.
 pub fn bitmap(ram: &GuestRam, ipa: u64, npages: u64) -> Result<BitmapRange, ArgError> {
     const WHAT: &str = "bitmap_ipa";
-    if ipa % 8 != 0 {
+    if !ipa.is_multiple_of(8) {
         return Err(ArgError::Unaligned {
             what: WHAT,
             value: ipa,
@@ -273,7 +273,7 @@ mod tests {
             Err(ArgError::TooLarge { max: 16, .. })
         ));
         assert!(matches!(
-            r(u64::MAX & !(PAGE_SIZE - 1), 16),
+            r(!(PAGE_SIZE - 1), 16),
             Err(ArgError::Overflow { .. })
         ));
         assert!(matches!(
@@ -320,7 +320,7 @@ mod tests {
             Err(ArgError::OutsideRam { .. })
         ));
         assert!(matches!(
-            bitmap(&RAM, u64::MAX & !7, 128),
+            bitmap(&RAM, !7, 128),
             Err(ArgError::Overflow { .. })
         ));
     }
