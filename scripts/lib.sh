@@ -6,7 +6,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TARGET=aarch64-unknown-none
-OUT="$ROOT/target/$TARGET/release"
+# CARGO_TARGET_DIR is honoured, so parallel work can build and boot from
+# separate trees.
+OUT="${CARGO_TARGET_DIR:-$ROOT/target}/$TARGET/release"
 HYP_ELF="$OUT/hypervisor"
 GUEST_ELF="$OUT/guest"
 GUEST_BIN="$OUT/guest.bin"

@@ -9,6 +9,12 @@
 //! | `fault` | `outside`              | none    | demo: access an IPA outside RAM/devices   |
 //! | `log`   | `info`, `debug`, `trace` | `info` | log verbosity                           |
 //! | `stress_ms` | milliseconds, `1..=3600000` | `300` | test: how long the `stress` test runs |
+//! | `pages` | `64..=262144` | `4096` | reclaim: pages in the pageable arena |
+//! | `accesses` | `1..` | `200000` | reclaim: accesses per workload run (after populating) |
+//! | `seed` | a number | `1` | reclaim: seed of the workload traces |
+//! | `target_pct` | `1..=100` | `40` | reclaim: memory target, % of the arena resident |
+//! | `workloads` | comma list of `idle,hotcold,phase,scan` | all | reclaim: workloads to run |
+//! | `policies` | comma list of `mglru,fifo,clock-perpage` | all | reclaim: policies to run each workload with |
 //!
 //! Sizes are decimal or `0x` hexadecimal with an optional binary suffix
 //! `K`, `M` or `G` (case-insensitive). Unknown keys (and words without
@@ -30,6 +36,42 @@ pub enum Mode {
     Demo,
     /// Run the on-target test suite and exit with its verdict.
     Test,
+    /// Run the reclaim workloads under each policy and print the summary.
+    Reclaim,
+}
+
+/// The arguments of `mode=reclaim`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReclaimArgs {
+    /// `pages=`: pages in the pageable arena.
+    pub pages: u32,
+    /// `accesses=`: accesses per run after populating.
+    pub accesses: u64,
+    /// `seed=`.
+    pub seed: u64,
+    /// `target_pct=`: memory target in percent of the arena.
+    pub target_pct: u32,
+    /// `workloads=`, in order (names are checked by the runner).
+    pub workloads: Vec<String>,
+    /// `policies=`, in order (names are checked by the runner).
+    pub policies: Vec<String>,
+}
+
+impl Default for ReclaimArgs {
+    fn default() -> Self {
+        Self {
+            pages: 4096,
+            accesses: 200_000,
+            seed: 1,
+            target_pct: 40,
+            workloads: ["idle", "hotcold", "phase", "scan"]
+                .map(String::from)
+                .to_vec(),
+            policies: ["mglru", "fifo", "clock-perpage"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
 }
 
 /// A deliberate fault the demo can provoke.
@@ -71,6 +113,8 @@ pub struct Cmdline {
     pub verbosity: Verbosity,
     /// `stress_ms=`: how long the `stress` test writes and verifies memory.
     pub stress_ms: u64,
+    /// `mode=reclaim` arguments.
+    pub reclaim: ReclaimArgs,
     /// Words whose key is not known, in order of appearance.
     pub unknown: Vec<String>,
 }
@@ -83,6 +127,7 @@ impl Default for Cmdline {
             fault: None,
             verbosity: Verbosity::default(),
             stress_ms: DEFAULT_STRESS_MS,
+            reclaim: ReclaimArgs::default(),
             unknown: Vec::new(),
         }
     }
@@ -106,12 +151,26 @@ pub enum CmdlineError {
     Verbosity(String),
     /// `stress_ms=` is not a number in `1..=`[`MAX_STRESS_MS`].
     StressMs(String),
+    /// A reclaim number out of its range.
+    Number {
+        /// The key.
+        key: &'static str,
+        /// The offending value.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
 }
 
 impl fmt::Display for CmdlineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Mode(v) => write!(f, "mode={v}: expected `demo` or `test`"),
+            Self::Mode(v) => write!(f, "mode={v}: expected `demo`, `test` or `reclaim`"),
+            Self::Number {
+                key,
+                value,
+                expected,
+            } => write!(f, "{key}={value}: expected {expected}"),
             Self::Size { key, value } => {
                 write!(
                     f,
@@ -141,6 +200,7 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
                 cmdline.mode = match value {
                     "demo" => Mode::Demo,
                     "test" => Mode::Test,
+                    "reclaim" => Mode::Reclaim,
                     _ => return Err(CmdlineError::Mode(value.to_string())),
                 }
             }
@@ -169,10 +229,56 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
                     .filter(|ms| (1..=MAX_STRESS_MS).contains(ms))
                     .ok_or_else(|| CmdlineError::StressMs(value.to_string()))?
             }
+            "pages" => {
+                cmdline.reclaim.pages =
+                    number("pages", value, 64, 1 << 18, "pages, 64 to 262144")? as u32
+            }
+            "accesses" => {
+                cmdline.reclaim.accesses = number(
+                    "accesses",
+                    value,
+                    1,
+                    u64::MAX,
+                    "a number of accesses, at least 1",
+                )?
+            }
+            "seed" => cmdline.reclaim.seed = number("seed", value, 0, u64::MAX, "a number")?,
+            "target_pct" => {
+                cmdline.reclaim.target_pct =
+                    number("target_pct", value, 1, 100, "a percentage, 1 to 100")? as u32
+            }
+            "workloads" => cmdline.reclaim.workloads = list(value),
+            "policies" => cmdline.reclaim.policies = list(value),
             _ => cmdline.unknown.push(key.to_string()),
         }
     }
     Ok(cmdline)
+}
+
+/// A number in `min..=max` for `key`.
+fn number(
+    key: &'static str,
+    value: &str,
+    min: u64,
+    max: u64,
+    expected: &'static str,
+) -> Result<u64, CmdlineError> {
+    parse_u64(value)
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| CmdlineError::Number {
+            key,
+            value: value.to_string(),
+            expected,
+        })
+}
+
+/// A comma-separated list (empty items dropped).
+fn list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// Sizes are written as for the hypervisor's bootargs: `4096`, `0x1000`,
@@ -190,6 +296,30 @@ mod tests {
     fn empty_line_gives_defaults() {
         assert_eq!(parse(""), Ok(Cmdline::default()));
         assert_eq!(parse("   ").unwrap().mode, Mode::Demo);
+    }
+
+    #[test]
+    fn reclaim_keys() {
+        let c = parse("mode=reclaim pages=8192 accesses=1000 seed=7 target_pct=40 workloads=hotcold,scan policies=mglru").unwrap();
+        assert_eq!(c.mode, Mode::Reclaim);
+        assert_eq!(c.reclaim.pages, 8192);
+        assert_eq!(c.reclaim.accesses, 1000);
+        assert_eq!(c.reclaim.seed, 7);
+        assert_eq!(c.reclaim.workloads, ["hotcold", "scan"]);
+        assert_eq!(c.reclaim.policies, ["mglru"]);
+        assert!(matches!(
+            parse("pages=10"),
+            Err(CmdlineError::Number { key: "pages", .. })
+        ));
+        assert!(matches!(
+            parse("target_pct=0"),
+            Err(CmdlineError::Number { .. })
+        ));
+        assert!(matches!(
+            parse("target_pct=101"),
+            Err(CmdlineError::Number { .. })
+        ));
+        assert_eq!(parse("").unwrap().reclaim, ReclaimArgs::default());
     }
 
     #[test]

@@ -317,6 +317,17 @@ impl AbortRecord {
         matches!(self.class(), Some(ESR_EL1::EC::Value::Unknown))
     }
 
+    /// Whether this is a level-3 translation fault on a data access taken
+    /// from the current EL: an access to a page unmapped in stage 1 (an
+    /// evicted page of the pageable arena).
+    pub fn is_translation_fault_at_current_el(&self) -> bool {
+        matches!(self.class(), Some(ESR_EL1::EC::Value::DataAbortCurrentEL))
+            && matches!(
+                self.iss().read_as_enum(ABORT_ISS::FSC),
+                Some(ABORT_ISS::FSC::Value::TranslationLevel3)
+            )
+    }
+
     /// `FAR_EL1`, when the syndrome says it is valid.
     pub fn fault_address(&self) -> Option<PhysAddr> {
         (!self.iss().is_set(ABORT_ISS::FNV)).then_some(PhysAddr(self.far))
@@ -483,6 +494,13 @@ extern "C" fn handle_exception(frame: &mut TrapFrame, vector: u64) {
         far: FAR_EL1.get(),
         elr: frame.elr,
     };
+    if origin == Origin::CurrentElSpx
+        && kind == Kind::Synchronous
+        && crate::pageable::handle_fault(&abort)
+    {
+        // An evicted page is back: retry the access.
+        return;
+    }
     if origin == Origin::CurrentElSpx && kind == Kind::Synchronous && take_expected(&abort) {
         // A64 instructions are 4 bytes (ESR_EL1.IL is set for them).
         frame.elr += 4;

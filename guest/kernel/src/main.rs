@@ -18,6 +18,8 @@ extern crate alloc;
 mod cmdline;
 
 #[cfg(target_os = "none")]
+mod abi_tests;
+#[cfg(target_os = "none")]
 mod addr;
 #[cfg(target_os = "none")]
 mod boot;
@@ -36,9 +38,13 @@ mod mmio;
 #[cfg(target_os = "none")]
 mod mmu;
 #[cfg(target_os = "none")]
+mod pageable;
+#[cfg(target_os = "none")]
 mod platform;
 #[cfg(target_os = "none")]
 mod power;
+#[cfg(target_os = "none")]
+mod reclaim_run;
 #[cfg(target_os = "none")]
 mod selftest;
 #[cfg(target_os = "none")]
@@ -61,13 +67,13 @@ mod kernel {
 
     use hyp_abi::layout;
 
-    use crate::addr::{PhysAddr, PhysRange};
+    use crate::addr::{PhysAddr, PhysRange, PAGE_SIZE};
     use crate::boot::{self, ImageLayout};
     use crate::cmdline::{self, Cmdline, Mode, Verbosity};
     use crate::platform::{self, Platform};
     use crate::power::{self, ExitCode};
     use crate::smp::{self, BringUp};
-    use crate::{console, demo, frames, heap, mmu, selftest};
+    use crate::{console, demo, frames, heap, mmu, pageable, reclaim_run, selftest};
 
     /// What the boot found out, handed to the demo and the tests.
     #[derive(Debug)]
@@ -128,6 +134,18 @@ mod kernel {
             });
         }
         Ok(())
+    }
+
+    /// The pageable arena of `mode=reclaim`: `pages=` pages at the top of
+    /// RAM, 2 MiB aligned; `None` in other modes.
+    fn pageable_arena(cmdline: &cmdline::Cmdline, platform: &Platform) -> Option<PhysRange> {
+        if cmdline.mode != Mode::Reclaim {
+            return None;
+        }
+        let bytes = (u64::from(cmdline.reclaim.pages) * PAGE_SIZE).next_multiple_of(2 << 20);
+        let end = platform.ram.end.align_down(2 << 20);
+        let start = PhysAddr(end.as_u64().checked_sub(bytes)?);
+        (start >= platform.ram.start).then_some(PhysRange { start, end })
     }
 
     /// The RAM after the image, minus the DTB and `/memreserve/` entries.
@@ -206,12 +224,24 @@ mod kernel {
         if let Err(error) = check_image(&image, &platform) {
             power::fatal(&error);
         }
-        for range in free_ram(&image, &platform) {
+        // The pageable arena (reclaim mode) is the top of RAM, kept out of
+        // the frame allocator and mapped with pages.
+        let arena = pageable_arena(&cmdline, &platform);
+        for mut range in free_ram(&image, &platform) {
+            if let Some(a) = arena {
+                range.end = range.end.min(a.start);
+                if range.start >= range.end {
+                    continue;
+                }
+            }
             log::debug!("free frames {range}");
             frames::add(range);
         }
-        if let Err(error) = mmu::init(&platform, &image) {
+        if let Err(error) = mmu::init(&platform, &image, arena) {
             power::fatal(&error);
+        }
+        if let Some(a) = arena {
+            pageable::init(a);
         }
 
         let bring_up = smp::start_secondaries(&platform.cpus);
@@ -232,6 +262,7 @@ mod kernel {
         match system.cmdline.mode {
             Mode::Demo => demo::run(&system),
             Mode::Test => selftest::run(&system),
+            Mode::Reclaim => reclaim_run::run(&system),
         }
     }
 

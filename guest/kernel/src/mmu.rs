@@ -27,7 +27,7 @@ use aarch64_cpu::registers::{
 };
 use aarch64_paging::descriptor::El1Attributes;
 use aarch64_paging::idmap::IdMap;
-use aarch64_paging::paging::{El1And0, MemoryRegion};
+use aarch64_paging::paging::{Constraints, El1And0, MemoryRegion};
 use aarch64_paging::MapError;
 
 use crate::addr::{PhysAddr, PhysRange, PAGE_SIZE};
@@ -136,13 +136,30 @@ fn map(
 }
 
 /// Builds the identity map and turns the boot CPU's MMU and caches on;
-/// records the translation registers for the secondaries.
-pub fn init(platform: &Platform, image: &ImageLayout) -> Result<(), MmuError> {
+/// records the translation registers for the secondaries. `pageable`, if
+/// any, is a part of RAM mapped with 4 KiB pages (no blocks), so that
+/// single pages of it can be unmapped and mapped again while the map is
+/// live ([`set_page_valid`]).
+pub fn init(
+    platform: &Platform,
+    image: &ImageLayout,
+    pageable: Option<PhysRange>,
+) -> Result<(), MmuError> {
     if KERNEL_MAP.is_completed() {
         return Err(MmuError::AlreadyActive);
     }
     let mut idmap = IdMap::with_asid(ASID, ROOT_LEVEL, El1And0);
     map(&mut idmap, "RAM", platform.ram, DATA)?;
+    if let Some(range) = pageable {
+        let region = MemoryRegion::new(range.start.as_u64() as usize, range.end.as_u64() as usize);
+        idmap
+            .map_range_with_constraints(&region, DATA, Constraints::NO_BLOCK_MAPPINGS)
+            .map_err(|error| MmuError::Map {
+                what: "pageable arena",
+                range,
+                error,
+            })?;
+    }
     // Remapping parts of RAM splits blocks; fine while the tables are
     // inactive (no break-before-make needed).
     map(&mut idmap, "kernel code", image.text, CODE)?;
@@ -204,6 +221,60 @@ pub fn init(platform: &Platform, image: &ImageLayout) -> Result<(), MmuError> {
     );
     KERNEL_MAP.call_once(|| spin::Mutex::new(idmap));
     Ok(())
+}
+
+/// Makes the 4 KiB page at `pa` (inside the pageable arena given to
+/// [`init`]) valid or invalid in the live map. Making it invalid also
+/// invalidates its TLB entries on every CPU, so no access can use the old
+/// translation once this returns.
+pub fn set_page_valid(pa: PhysAddr, valid: bool) {
+    let region = MemoryRegion::new(pa.as_u64() as usize, (pa.as_u64() + PAGE_SIZE) as usize);
+    let map = KERNEL_MAP.get().expect("the MMU is on");
+    let result = map.lock().modify_range(&region, &|_, desc| {
+        // Only the level-3 page entry; the walk also hands us the table
+        // entries above it.
+        if desc.level() != 3 {
+            return Ok(());
+        }
+        if valid {
+            desc.modify_flags(El1Attributes::VALID, El1Attributes::empty())
+        } else {
+            desc.modify_flags(El1Attributes::empty(), El1Attributes::VALID)
+        }
+    });
+    if let Err(e) = result {
+        panic!("cannot change the stage-1 entry of {pa}: {e}");
+    }
+    if valid {
+        barrier::dsb(barrier::ISHST);
+        barrier::isb(barrier::SY);
+    } else {
+        // SAFETY: TLB invalidation by VA for all ASIDs (the arena is
+        // mapped global) has no effect on memory; the barriers complete
+        // it before later accesses.
+        unsafe {
+            core::arch::asm!(
+                "dsb ishst",
+                "tlbi vaae1is, {}",
+                "dsb ish",
+                "isb",
+                in(reg) pa.as_u64() >> 12,
+                options(nostack, preserves_flags)
+            );
+        }
+    }
+}
+
+/// Whether the 4 KiB page at `pa` is mapped (valid) in the live map.
+pub fn page_is_valid(pa: PhysAddr) -> bool {
+    let region = MemoryRegion::new(pa.as_u64() as usize, (pa.as_u64() + PAGE_SIZE) as usize);
+    let map = KERNEL_MAP.get().expect("the MMU is on");
+    let mut valid = false;
+    let _ = map.lock().walk_range(&region, &mut |_, desc, _| {
+        valid = desc.is_valid();
+        Ok(())
+    });
+    valid
 }
 
 /// Drops this CPU's stage-1 TLB entries (all ASIDs).

@@ -22,6 +22,18 @@ pub enum VendorCall {
     Stats,
     /// `EXIT`.
     Exit,
+    /// `AGING_FEATURES`.
+    AgingFeatures,
+    /// `AGING_TEST_CLEAR`.
+    AgingTestClear,
+    /// `MEM_RELEASE`.
+    MemRelease,
+    /// `STORE_PUT`.
+    StorePut,
+    /// `STORE_GET`.
+    StoreGet,
+    /// `STORE_DROP`.
+    StoreDrop,
 }
 
 impl fmt::Display for VendorCall {
@@ -32,6 +44,12 @@ impl fmt::Display for VendorCall {
             Self::Features => "FEATURES",
             Self::Stats => "STATS",
             Self::Exit => "EXIT",
+            Self::AgingFeatures => "AGING_FEATURES",
+            Self::AgingTestClear => "AGING_TEST_CLEAR",
+            Self::MemRelease => "MEM_RELEASE",
+            Self::StorePut => "STORE_PUT",
+            Self::StoreGet => "STORE_GET",
+            Self::StoreDrop => "STORE_DROP",
         })
     }
 }
@@ -121,7 +139,7 @@ pub fn features() -> Result<Features, CallError> {
     })
 }
 
-/// The answer of `STATS`.
+/// The answer of `STATS(FAULTS)`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Stats {
     /// Guest frames currently mapped in stage 2.
@@ -132,15 +150,97 @@ pub struct Stats {
     pub access_flag_faults: u64,
 }
 
-/// `STATS`.
-pub fn stats() -> Result<Stats, CallError> {
-    let r = call64(func::STATS, &[]);
+/// `STATS(group)`: the group's three counters (see `hyp_abi::stats_group`).
+pub fn stats_group(group: u64) -> Result<[u64; 3], CallError> {
+    let r = call64(func::STATS, &[group]);
     check(VendorCall::Stats, r[0])?;
+    Ok([r[1], r[2], r[3]])
+}
+
+/// `STATS(FAULTS)`.
+pub fn stats() -> Result<Stats, CallError> {
+    let [frames_mapped, translation_faults, access_flag_faults] =
+        stats_group(hyp_abi::stats_group::FAULTS)?;
     Ok(Stats {
-        frames_mapped: r[1],
-        translation_faults: r[2],
-        access_flag_faults: r[3],
+        frames_mapped,
+        translation_faults,
+        access_flag_faults,
     })
+}
+
+/// The answer of `AGING_FEATURES`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct AgingFeatures {
+    /// Supported `hyp_abi::age_flags`.
+    pub flags: u64,
+    /// Most pages per `AGING_TEST_CLEAR`.
+    pub max_pages: u64,
+    /// Most pages per `MEM_RELEASE`.
+    pub max_release_pages: u64,
+    /// How the Access Flag is maintained.
+    pub af_mode: Option<AfMode>,
+}
+
+/// `AGING_FEATURES`.
+pub fn aging_features() -> Result<AgingFeatures, CallError> {
+    let r = call64(func::AGING_FEATURES, &[]);
+    let flags = check(VendorCall::AgingFeatures, r[0])?;
+    Ok(AgingFeatures {
+        flags,
+        max_pages: r[1],
+        max_release_pages: r[2],
+        af_mode: AfMode::from_u64(r[3]),
+    })
+}
+
+/// `AGING_TEST_CLEAR(ipa, npages, bitmap_ipa, flags)`: the number of young
+/// pages; the hypervisor writes the bitmap at `bitmap_ipa`.
+pub fn aging_test_clear(
+    ipa: u64,
+    npages: u64,
+    bitmap_ipa: u64,
+    flags: u64,
+) -> Result<u64, CallError> {
+    let r = call64(func::AGING_TEST_CLEAR, &[ipa, npages, bitmap_ipa, flags]);
+    check(VendorCall::AgingTestClear, r[0])
+}
+
+/// What `MEM_RELEASE` did.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Released {
+    /// Pages that were backed and are not any more.
+    pub pages: u64,
+    /// Stage-2 table pages unlinked.
+    pub tables: u64,
+}
+
+/// `MEM_RELEASE(ipa, npages)`.
+pub fn mem_release(ipa: u64, npages: u64) -> Result<Released, CallError> {
+    let r = call64(func::MEM_RELEASE, &[ipa, npages]);
+    let pages = check(VendorCall::MemRelease, r[0])?;
+    Ok(Released {
+        pages,
+        tables: r[1],
+    })
+}
+
+/// `STORE_PUT(key, ipa)`: the bytes the page takes in the store.
+pub fn store_put(key: u64, ipa: u64) -> Result<u64, CallError> {
+    let r = call64(func::STORE_PUT, &[key, ipa]);
+    check(VendorCall::StorePut, r[0])?;
+    Ok(r[1])
+}
+
+/// `STORE_GET(key, ipa)` (exclusive: the entry is gone afterwards).
+pub fn store_get(key: u64, ipa: u64) -> Result<(), CallError> {
+    let r = call64(func::STORE_GET, &[key, ipa]);
+    check(VendorCall::StoreGet, r[0]).map(drop)
+}
+
+/// `STORE_DROP(key)`.
+pub fn store_drop(key: u64) -> Result<(), CallError> {
+    let r = call64(func::STORE_DROP, &[key]);
+    check(VendorCall::StoreDrop, r[0]).map(drop)
 }
 
 /// `EXIT(code)`: ends the machine. Returns only when it failed.

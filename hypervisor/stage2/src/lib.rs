@@ -11,6 +11,8 @@
 //!   access-flag / dump, its writer lock and its concurrency rules;
 //! - [`age`]: the lockless Access-Flag harvester (aging bitmaps);
 //! - [`fault`]: the lockless fault path and page migration;
+//! - [`pin`]: pinning a leaf while the hypervisor accesses guest memory;
+//! - [`scan`]: the lockless scan for empty table pages;
 //! - [`batch`]: TLB batching with pending frees.
 //!
 //! With the cargo feature `check` (on in the crate's tests), a checker
@@ -34,7 +36,9 @@ pub mod error;
 pub mod fault;
 pub mod mm;
 mod ops;
+pub mod pin;
 pub mod rcu;
+pub mod scan;
 mod sync;
 pub mod table;
 pub mod walk;
@@ -45,6 +49,7 @@ pub use desc::{DescView, Descriptor, MemType, Perms, S2Attrs};
 pub use error::{MapError, Stage2Error};
 pub use fault::{FaultOutcome, MigrateOutcome};
 pub use mm::{TableAlloc, TlbInvalidate};
+pub use pin::PinError;
 pub use rcu::{GpTicket, Rcu};
 pub use table::{MapFlags, Stage2, Translation, UnmapStats};
 pub use walk::{VisitCtx, VisitKind, Visitor, WalkFlags};

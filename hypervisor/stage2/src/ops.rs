@@ -80,7 +80,13 @@ impl<M: TableAlloc, T: TlbInvalidate> Visitor for MapVisitor<'_, '_, M, T> {
 }
 
 /// Unmaps `[start, end)` into a batch and removes emptied tables (see
-/// [`Stage2::unmap_batched`]).
+/// [`Stage2::unmap_batched`]). What it does is chosen by the walk's flags
+/// ([`Stage2::unmap_walk`]): `LEAF` visits break the leaves (splitting
+/// blocks that straddle an edge), `TABLE_POST` visits run the
+/// table-removal protocol on each table after its children. The leaf-only
+/// unmap ([`Stage2::unmap_leaves_batched`]) walks with `LEAF` alone; the
+/// locked phase of the empty-table scan ([`Stage2::reclaim_empty_tables`])
+/// with `TABLE_POST` alone.
 pub(crate) struct UnmapVisitor<'s, 'b, 'a, 'r, M: TableAlloc, T: TlbInvalidate> {
     pub(crate) s2: &'s Stage2<'r, M, T>,
     pub(crate) start: u64,

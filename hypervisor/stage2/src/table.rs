@@ -19,6 +19,11 @@
 //!   ([`Stage2::migrate_page`]) — install into empty slots with a
 //!   compare-exchange (invalid -> new; the loser frees its unpublished
 //!   table at once) and change a live entry with break-before-make.
+//! - **Pins** ([`Stage2::with_page_pinned`]) lock a valid leaf with
+//!   [`LOCKED`] (compare-exchange, retried over access-flag changes) while
+//!   the hypervisor accesses its frame, then store back the exact value;
+//!   no TLB invalidation, the output address does not change. Every
+//!   writer sees the lock and waits or backs off.
 //! - **Locked writers** — [`Stage2::map`], [`Stage2::unmap`],
 //!   [`Stage2::protect`] and the block splits and table removals they do —
 //!   serialize on `writer`, a spin lock held for the whole walk. A CPU
@@ -43,7 +48,13 @@
 //!   table before the parent was locked can then no longer install into it
 //!   (its compare-exchange fails and it retries from the root); if any
 //!   entry is not invalid, the seal is undone and the table stays. A sealed
-//!   table is unlinked, and its page pending in the batch.
+//!   table is unlinked, and its page pending in the batch. Tables are
+//!   removed by the unmap that empties them ([`Stage2::unmap_batched`])
+//!   or later by the empty-table scan ([`Stage2::reclaim_empty_tables`]),
+//!   which finds candidates locklessly and removes each with this protocol
+//!   under the writer lock. A table holding a locked entry is never
+//!   removed (its seal fails), which is what lets a pin use its entry
+//!   after its walk ended.
 //! - **Counters** (`mapped_pages`, `table_pages`) are `Relaxed` atomics:
 //!   statistics, updated by every writer.
 //!
@@ -281,6 +292,37 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
         batch: &mut TlbBatch<'_, 'r, M, T>,
     ) -> Result<UnmapStats, MapError> {
         self.check_range(ipa, size)?;
+        self.unmap_walk(ipa, size, WalkFlags::LEAF | WalkFlags::TABLE_POST, batch)
+    }
+
+    /// [`Stage2::unmap_batched`] without the table removal: the leaves of
+    /// `[ipa, ipa + size)` are invalid when this returns (blocks
+    /// straddling an edge are split first), their invalidation and frames
+    /// go through `batch`, but table pages left empty stay linked, so the
+    /// writer lock is held only for the leaf breaks (no 512-entry
+    /// emptiness check and seal per table). [`Stage2::reclaim_empty_tables`]
+    /// finds and removes the empty tables later. `tables_freed` of the
+    /// result is always 0. Takes the writer lock.
+    pub fn unmap_leaves_batched(
+        &self,
+        ipa: Ipa,
+        size: u64,
+        batch: &mut TlbBatch<'_, 'r, M, T>,
+    ) -> Result<UnmapStats, MapError> {
+        self.check_range(ipa, size)?;
+        self.unmap_walk(ipa, size, WalkFlags::LEAF, batch)
+    }
+
+    /// Runs the unmap visitor over `[ipa, ipa + size)` under the writer
+    /// lock; `flags` say what it does: `LEAF` breaks the leaves,
+    /// `TABLE_POST` removes the tables found empty after their children.
+    pub(crate) fn unmap_walk(
+        &self,
+        ipa: Ipa,
+        size: u64,
+        flags: WalkFlags,
+        batch: &mut TlbBatch<'_, 'r, M, T>,
+    ) -> Result<UnmapStats, MapError> {
         let mut visitor = UnmapVisitor {
             s2: self,
             start: ipa.0,
@@ -288,12 +330,7 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
             stats: UnmapStats::default(),
             batch,
         };
-        self.write_walk(
-            ipa,
-            size,
-            WalkFlags::LEAF | WalkFlags::TABLE_POST,
-            &mut visitor,
-        )?;
+        self.write_walk(ipa, size, flags, &mut visitor)?;
         Ok(visitor.stats)
     }
 
@@ -401,7 +438,7 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
     }
 
     /// Checks an IPA range given to a writer.
-    fn check_range(&self, ipa: Ipa, size: u64) -> Result<(), MapError> {
+    pub(crate) fn check_range(&self, ipa: Ipa, size: u64) -> Result<(), MapError> {
         if size == 0 {
             return Err(MapError::ZeroSize(ipa));
         }

@@ -8,7 +8,6 @@
 use super::mmio::{ConsoleLine, FaultStatus, DABT_ISS};
 use super::{smccc, spsr_el1h_masked, VcpuEnd, Vm, EXIT_VM_ERROR};
 use crate::exceptions::{ExitKind, GuestContext, Syndrome};
-use crate::memory;
 use aarch64_cpu::registers::{
     Readable, Writeable, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2, HPFAR_EL2, SCTLR_EL1,
     SPSR_EL1, SPSR_EL2, VBAR_EL1,
@@ -17,7 +16,6 @@ use core::sync::atomic::Ordering;
 use hyp_abi::layout;
 use hyp_core::addr::{Ipa, PAGE_SIZE};
 use log::warn;
-use stage2::{DescView, FaultOutcome, MemType, Perms};
 use tock_registers::LocalRegisterCopy;
 
 /// What the vCPU loop does next.
@@ -137,44 +135,22 @@ fn is_uart(ipa: Ipa) -> bool {
     ipa.as_u64() >= layout::UART_IPA && ipa.as_u64() - layout::UART_IPA < layout::UART_SIZE
 }
 
-/// Backs `page` with a zeroed frame, unless another vCPU did meanwhile:
-/// the lockless fault path, racing other vCPUs with compare-exchanges.
+/// Backs `page` with a zeroed frame, unless another vCPU did meanwhile.
 fn demand_map(vm: &Vm, index: usize, ctx: &GuestContext, page: Ipa) {
     vm.stats.stage2_faults.fetch_add(1, Ordering::Relaxed);
-    if vm.stage2.leaf_view(page) != Some(DescView::Invalid) {
-        // Mapped by another vCPU meanwhile, or being moved: retry.
-        vm.stats.fault_races.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    let frame = match memory::alloc_zeroed_frame() {
-        Ok(f) => f,
+    match vm.install_zeroed(page) {
+        Ok(true) => {}
+        // Mapped by another vCPU meanwhile, or being moved: the guest
+        // retries the access.
+        Ok(false) => {
+            vm.stats.fault_races.fetch_add(1, Ordering::Relaxed);
+        }
         Err(e) => stop_vm(
             vm,
             index,
             ctx,
             format_args!("cannot back guest page {page}: {e}"),
         ),
-    };
-    match vm
-        .stage2
-        .fault_install(page, frame.start(), Perms::RWX, MemType::Normal, false)
-    {
-        Ok(FaultOutcome::Installed) => {}
-        Ok(FaultOutcome::AlreadyMapped | FaultOutcome::Retry) => {
-            // Another vCPU won, or a writer holds the entry: the guest
-            // retries the access.
-            vm.stats.fault_races.fetch_add(1, Ordering::Relaxed);
-            memory::free_frame(frame);
-        }
-        Err(e) => {
-            memory::free_frame(frame);
-            stop_vm(
-                vm,
-                index,
-                ctx,
-                format_args!("cannot map guest page {page}: {e}"),
-            );
-        }
     }
 }
 

@@ -16,9 +16,11 @@
 mod aging;
 mod exits;
 mod guest_dtb;
+mod guest_mem;
 mod hw;
 mod mmio;
 mod smccc;
+mod vendor;
 
 use crate::cpu::CpuFeatures;
 use crate::exceptions::{enter_guest, GuestContext};
@@ -123,6 +125,9 @@ pub struct Vm {
     /// The background aging worker, if `aging_cpu=` names a CPU.
     aging_config: Option<aging::AgingConfig>,
     aging: aging::AgingStats,
+    /// The compressed page store (`None` with `store=0`).
+    store: Option<Mutex<vendor::Store>>,
+    vendor: vendor::VendorStats,
 }
 
 impl fmt::Debug for Vm {
@@ -284,6 +289,13 @@ impl Vm {
             stats: VmStats::default(),
             aging_config,
             aging: aging::AgingStats::default(),
+            store: (config.store_size > 0).then(|| {
+                Mutex::new(vendor::Store::new(
+                    vendor::StoreFrames,
+                    (config.store_size / PAGE_SIZE) as usize,
+                ))
+            }),
+            vendor: vendor::VendorStats::default(),
         };
         // TLB maintenance while filling stage 2 must target our VMID.
         hw::setup_this_cpu(&vm.regs, vm.vcpus[0].mpidr);
@@ -348,6 +360,30 @@ impl Vm {
         Ok(())
     }
 
+    /// Backs guest page `page` with a zeroed frame unless it is backed or
+    /// locked already (the lockless fault path, racing other vCPUs with
+    /// compare-exchanges). Returns whether this call installed it.
+    fn install_zeroed(&self, page: Ipa) -> Result<bool, alloc::string::String> {
+        if self.stage2.leaf_view(page) != Some(stage2::DescView::Invalid) {
+            return Ok(false);
+        }
+        let frame = memory::alloc_zeroed_frame().map_err(|e| alloc::format!("{e}"))?;
+        match self
+            .stage2
+            .fault_install(page, frame.start(), Perms::RWX, MemType::Normal, false)
+        {
+            Ok(stage2::FaultOutcome::Installed) => Ok(true),
+            Ok(stage2::FaultOutcome::AlreadyMapped | stage2::FaultOutcome::Retry) => {
+                memory::free_frame(frame);
+                Ok(false)
+            }
+            Err(e) => {
+                memory::free_frame(frame);
+                Err(alloc::format!("{e}"))
+            }
+        }
+    }
+
     /// Whether `ipa` is guest RAM.
     fn in_ram(&self, ipa: Ipa) -> bool {
         ipa.as_u64() >= layout::RAM_BASE && ipa.as_u64() - layout::RAM_BASE < self.ram_size
@@ -382,6 +418,21 @@ impl Vm {
             self.stats.af_faults.load(Ordering::Relaxed),
             self.stats.injected_aborts.load(Ordering::Relaxed),
             self.regs.af,
+        );
+        let v = &self.vendor;
+        let store = self.store.as_ref().map(|s| s.lock().stats());
+        crate::println!(
+            "hyp: vm0 memory table_pages={} tables_unlinked={} released_pages={} release_calls={} aging_calls={} aging_pages={} rejected_calls={} store_entries={} store_bytes={} store_frames={}",
+            self.stage2.table_pages(),
+            v.tables_unlinked.load(Ordering::Relaxed),
+            v.released_pages.load(Ordering::Relaxed),
+            v.release_calls.load(Ordering::Relaxed),
+            v.aging_calls.load(Ordering::Relaxed),
+            v.aging_pages.load(Ordering::Relaxed),
+            v.rejected.load(Ordering::Relaxed),
+            store.map_or(0, |s| s.entries),
+            store.map_or(0, |s| s.stored_bytes),
+            store.map_or(0, |s| s.frames_used),
         );
     }
 }

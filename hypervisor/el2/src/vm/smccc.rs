@@ -3,6 +3,7 @@
 //! checked; a bad call gets an SMCCC/PSCI error code and a log line.
 
 use super::exits::Next;
+use super::vendor;
 use super::{PowerState, VcpuEnd, Vm};
 use crate::exceptions::GuestContext;
 use core::sync::atomic::Ordering;
@@ -40,6 +41,11 @@ fn psci_code(code: i32) -> u64 {
 /// Handles an HVC exit (ELR already points past the HVC).
 pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next {
     let fid = ctx.x[0] as u32;
+    if let Some(call) = vendor::Call::from_fid(fid) {
+        let answer = vendor::handle(vm, index, call, [ctx.x[1], ctx.x[2], ctx.x[3], ctx.x[4]]);
+        ctx.x[..4].copy_from_slice(&answer);
+        return Next::Resume;
+    }
     let args = [ctx.x[1], ctx.x[2], ctx.x[3]];
     let mut ret = [ctx.x[0], ctx.x[1], ctx.x[2], ctx.x[3]];
     let mut set = |r: &[u64]| ret[..r.len()].copy_from_slice(r);
@@ -78,14 +84,12 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
         func::CALL_UID => set(&HYP_UID.map(u64::from)),
         func::REVISION => set(&[u64::from(REVISION.0), u64::from(REVISION.1)]),
         func::FEATURES => set(&[
-            feature::FEATURES | feature::EXIT | feature::STATS,
+            if vm.store.is_some() {
+                feature::ALL
+            } else {
+                feature::ALL & !feature::STORE
+            },
             vm.regs.af as u64,
-        ]),
-        func::STATS => set(&[
-            error::SUCCESS as u64,
-            vm.stage2.mapped_pages(),
-            vm.stats.stage2_faults.load(Ordering::Relaxed),
-            vm.stats.af_faults.load(Ordering::Relaxed),
         ]),
         func::EXIT => match u8::try_from(args[0]) {
             Ok(code) => {

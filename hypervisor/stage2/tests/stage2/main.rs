@@ -1,7 +1,8 @@
 //! Host tests of the stage-2 table through its public API: behaviour of
 //! each operation (`ops`), a property test against a model (`model`), the
-//! harvester (`age`), the lockless fault path and migration (`fault`), and
-//! TLB batching with the checking mode (`batch`).
+//! harvester (`age`), the lockless fault path and migration (`fault`),
+//! TLB batching with the checking mode (`batch`), pins (`pin`) and the
+//! empty-table scan with the leaf-only unmap (`scan`).
 
 mod age;
 mod batch;
@@ -9,6 +10,8 @@ mod common;
 mod fault;
 mod model;
 mod ops;
+mod pin;
+mod scan;
 
 use common::{HostAlloc, RecordingTlb};
 use stage2::Stage2;
