@@ -123,8 +123,8 @@ pub mod feature {
     /// `STATS`.
     pub const STATS: u64 = 1 << func::number(func::STATS);
     /// `AGING_FEATURES` and `AGING_TEST_CLEAR`.
-    pub const AGING: u64 = (1 << func::number(func::AGING_FEATURES))
-        | (1 << func::number(func::AGING_TEST_CLEAR));
+    pub const AGING: u64 =
+        (1 << func::number(func::AGING_FEATURES)) | (1 << func::number(func::AGING_TEST_CLEAR));
     /// `MEM_RELEASE`.
     pub const MEM_RELEASE: u64 = 1 << func::number(func::MEM_RELEASE);
     /// `STORE_PUT`, `STORE_GET` and `STORE_DROP`.
