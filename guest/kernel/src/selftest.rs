@@ -25,6 +25,7 @@ use hyp_abi::psci::{self, AffinityState, LowestAffinityLevel, Version};
 use hyp_abi::{feature, func, HYP_UID};
 use smccc::Hvc;
 
+use crate::abi_tests;
 use crate::addr::{PhysAddr, PAGE_SIZE};
 use crate::boot;
 use crate::demo::touch_run;
@@ -70,13 +71,30 @@ const TESTS: &[(&str, TestFn)] = &[
     ("exit_code_out_of_range", exit_code_out_of_range),
     ("smc_not_supported", smc_not_supported),
     ("undefined_sysreg_is_undef", undefined_sysreg_is_undef),
+    // The aging, release and store calls, bad input first (abi_tests.rs).
+    ("aging_features", abi_tests::aging_features),
+    ("aging_bad_input", abi_tests::aging_bad_input),
+    ("aging_mask_look_around", abi_tests::aging_mask_look_around),
+    ("release_bad_input", abi_tests::release_bad_input),
+    (
+        "release_gives_zeroed_page",
+        abi_tests::release_gives_zeroed_page,
+    ),
+    (
+        "release_frees_leaf_table",
+        abi_tests::release_frees_leaf_table,
+    ),
+    ("store_bad_input", abi_tests::store_bad_input),
+    ("store_round_trip", abi_tests::store_round_trip),
+    ("store_full", abi_tests::store_full),
+    ("unknown_vendor_calls", abi_tests::unknown_vendor_calls),
     // Last: everything above must have left the hypervisor running.
     ("hypervisor_still_alive", hypervisor_still_alive),
 ];
 
 /// Why a test failed.
 #[derive(Clone, Debug)]
-enum Failure {
+pub(crate) enum Failure {
     /// A vendor hypercall failed.
     Hypercall(CallError),
     /// A PSCI call failed.
@@ -166,7 +184,7 @@ impl From<FrameError> for Failure {
 }
 
 /// Fails with [`Failure::Value`] unless `ok`.
-fn require(
+pub(crate) fn require(
     ok: bool,
     what: &'static str,
     expected: impl fmt::Display,
@@ -185,7 +203,11 @@ fn require(
 
 /// Fails with [`Failure::Answer`] unless the call described by `call`
 /// answered `expected` in `x0`.
-fn require_answer(call: fmt::Arguments<'_>, expected: i64, actual: i64) -> Result<(), Failure> {
+pub(crate) fn require_answer(
+    call: fmt::Arguments<'_>,
+    expected: i64,
+    actual: i64,
+) -> Result<(), Failure> {
     if actual == expected {
         Ok(())
     } else {
@@ -198,7 +220,7 @@ fn require_answer(call: fmt::Arguments<'_>, expected: i64, actual: i64) -> Resul
 }
 
 /// `x0` of an HVC64 call, as the signed number SMCCC and PSCI answers are.
-fn hvc64_x0(function: u32, args: &[u64]) -> i64 {
+pub(crate) fn hvc64_x0(function: u32, args: &[u64]) -> i64 {
     smccc_client::call64(function, args)[0] as i64
 }
 

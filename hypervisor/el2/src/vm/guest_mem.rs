@@ -23,8 +23,8 @@ use super::Vm;
 pub(super) enum AccessError {
     /// No frame was free to back a page being written.
     NoMemory,
-    /// The page is outside the IPA space (the callers' checks prevent it).
-    OutsideIpaSpace,
+    /// The page is not guest RAM (the callers' checks prevent it).
+    OutsideRam(Ipa),
 }
 
 /// What to do with a page that is not backed.
@@ -44,6 +44,11 @@ fn with_frame<R>(
     mode: Unbacked,
     mut f: impl FnMut(PhysAddr) -> R,
 ) -> Result<Option<R>, AccessError> {
+    // The callers' argument checks keep every access inside guest RAM;
+    // this is the last line of defence should one of them be wrong.
+    if !vm.in_ram(page) {
+        return Err(AccessError::OutsideRam(page));
+    }
     loop {
         match vm.stage2.with_page_pinned(page, &mut f) {
             Ok(r) => return Ok(Some(r)),
@@ -55,7 +60,7 @@ fn with_frame<R>(
             // for a bounded time: try again.
             Err(PinError::Busy { .. }) => core::hint::spin_loop(),
             // The callers check that the page is guest RAM.
-            Err(PinError::OutOfRange(_)) => return Err(AccessError::OutsideIpaSpace),
+            Err(PinError::OutOfRange(_)) => return Err(AccessError::OutsideRam(page)),
         }
     }
 }

@@ -103,10 +103,10 @@ impl From<AccessError> for CallError {
     fn from(e: AccessError) -> Self {
         match e {
             AccessError::NoMemory => Self::NoMemory("no free frame to back a guest page"),
-            AccessError::OutsideIpaSpace => Self::Arg(ArgError::OutsideRam {
-                what: "ipa",
-                start: 0,
-                len: 0,
+            AccessError::OutsideRam(page) => Self::Arg(ArgError::OutsideRam {
+                what: "guest page",
+                start: page.as_u64(),
+                len: PAGE_SIZE,
             }),
         }
     }
