@@ -11,8 +11,9 @@
 //! - `reclaim: sample workload=W policy=P step=N resident=N held=N [gens=..]`
 //!   about 40 times per run (`held`: frames the hypervisor holds for the
 //!   arena, from `STATS`), which `scripts/plot` draws;
-//! - `reclaim: result <the driver's report> hyp_held_avg=N hyp_held_final=N
-//!   saved_pct=F store_bytes=N aging_time_pct=F roundtrips=N mismatches=N`.
+//! - `reclaim: result <the driver's report> pages=N hot_pages=N
+//!   hyp_held_avg=N hyp_held_final=N saved_pct=F store_bytes=N
+//!   aging_time_pct=F roundtrips=N mismatches=N`.
 //!
 //! At the end: `reclaim: done runs=N roundtrips=N mismatches=N`, and the
 //! machine exits 0 when no run failed and no checksum mismatched.
@@ -157,6 +158,25 @@ fn frames_mapped() -> Result<u64, CallError> {
     Ok(smccc_client::stats_group(stats_group::FAULTS)?[0])
 }
 
+/// Generation sizes as `scripts/plot` reads them: comma-separated, oldest
+/// first, or `-` for a policy without generations.
+struct Gens(Option<reclaim::GenSizes>);
+
+impl core::fmt::Display for Gens {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let Some(g) = &self.0 else {
+            return f.write_str("-");
+        };
+        for (i, n) in g.as_slice().iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{n}")?;
+        }
+        Ok(())
+    }
+}
+
 /// A percentage with two decimals, printed from integers.
 struct Pct(u64, u64);
 
@@ -225,21 +245,13 @@ fn run_one(args: &ReclaimArgs, kind: WorkloadKind, policy: PolicyKind) -> Result
             let held = frames_mapped()?.saturating_sub(baseline);
             held_sum += held;
             samples += 1;
-            let gens = driver.policy().generation_sizes();
-            match gens {
-                Some(g) => log::info!(
-                    "reclaim: sample workload={} policy={} step={step} resident={} held={held} gens={g}",
-                    kind.name(),
-                    policy.name(),
-                    driver.resident()
-                ),
-                None => log::info!(
-                    "reclaim: sample workload={} policy={} step={step} resident={} held={held}",
-                    kind.name(),
-                    policy.name(),
-                    driver.resident()
-                ),
-            }
+            log::info!(
+                "reclaim: sample workload={} policy={} step={step} resident={} held={held} gens={}",
+                kind.name(),
+                policy.name(),
+                driver.resident(),
+                Gens(driver.policy().generation_sizes()),
+            );
         }
     }
     let elapsed = crate::timer::ticks() - start;
@@ -249,7 +261,8 @@ fn run_one(args: &ReclaimArgs, kind: WorkloadKind, policy: PolicyKind) -> Result
     let roundtrips = pageable::refaults() - refaults0;
     let mismatches = pageable::mismatches() - mismatches0;
     log::info!(
-        "reclaim: result {report} hyp_held_avg={} hyp_held_final={held_final} saved_pct={} store_bytes={store_bytes} aging_time_pct={} roundtrips={roundtrips} mismatches={mismatches}",
+        "reclaim: result {report} pages={pages} hot_pages={} hyp_held_avg={} hyp_held_final={held_final} saved_pct={} store_bytes={store_bytes} aging_time_pct={} roundtrips={roundtrips} mismatches={mismatches}",
+        workload.hot_pages(),
         held_sum / samples.max(1),
         Pct(u64::from(pages) - u64::from(report.held_avg).min(u64::from(pages)), u64::from(pages)),
         Pct(env.backend.ticks(), elapsed),

@@ -57,8 +57,12 @@ fn with_frame<R>(
                 vm.install_zeroed(page).map_err(|_| AccessError::NoMemory)?;
             }
             // A writer (migration, release, another pin) holds the entry
-            // for a bounded time: try again.
-            Err(PinError::Busy { .. }) => core::hint::spin_loop(),
+            // for a bounded time: try again. Nothing is held between two
+            // attempts, so a grace period another CPU waits for may end.
+            Err(PinError::Busy { .. }) => {
+                super::RCU.quiescent();
+                core::hint::spin_loop();
+            }
             // The callers check that the page is guest RAM.
             Err(PinError::OutOfRange(_)) => return Err(AccessError::OutsideRam(page)),
         }
