@@ -10,7 +10,7 @@
 //! | `log`   | `info`, `debug`, `trace` | `info` | log verbosity                           |
 //! | `stress_ms` | milliseconds, `1..=3600000` | `300` | test: how long the `stress` test runs |
 //! | `pages` | `64..=262144` | `4096` | reclaim: pages in the pageable arena |
-//! | `accesses` | `1..` | `200000` | reclaim: accesses per workload run (after populating) |
+//! | `accesses` | `1..` | `200000` | reclaim: accesses per workload run (the populating pass included) |
 //! | `seed` | a number | `1` | reclaim: seed of the workload traces |
 //! | `target_pct` | `1..=100` | `40` | reclaim: memory target, % of the arena resident |
 //! | `workloads` | comma list of `idle,hotcold,phase,scan` | all | reclaim: workloads to run |
@@ -45,7 +45,7 @@ pub enum Mode {
 pub struct ReclaimArgs {
     /// `pages=`: pages in the pageable arena.
     pub pages: u32,
-    /// `accesses=`: accesses per run after populating.
+    /// `accesses=`: accesses per run, the populating pass included.
     pub accesses: u64,
     /// `seed=`.
     pub seed: u64,

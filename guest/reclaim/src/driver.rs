@@ -111,6 +111,40 @@ impl DriverConfig {
     pub fn pct(pages: u32, pct: u32) -> u32 {
         ((u64::from(pages) * u64::from(pct) / 100) as u32).max(1)
     }
+
+    /// Checks that nothing is zero that must not be.
+    pub fn check(&self) -> Result<(), DriverConfigError> {
+        if self.interval == 0 {
+            Err(DriverConfigError::ZeroInterval)
+        } else if self.batch == 0 {
+            Err(DriverConfigError::ZeroBatch)
+        } else if self.target == Some(0) {
+            Err(DriverConfigError::ZeroTarget)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A [`DriverConfig`] the driver cannot run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriverConfigError {
+    /// `interval` is zero.
+    ZeroInterval,
+    /// `batch` is zero.
+    ZeroBatch,
+    /// `target` is zero.
+    ZeroTarget,
+}
+
+impl fmt::Display for DriverConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DriverConfigError::ZeroInterval => "aging interval must be positive",
+            DriverConfigError::ZeroBatch => "eviction batch must be positive",
+            DriverConfigError::ZeroTarget => "memory target must be positive",
+        })
+    }
 }
 
 /// Why a run stopped.
@@ -327,13 +361,11 @@ impl<P: Policy> Driver<P> {
     ///
     /// # Panics
     ///
-    /// If `interval` or `batch` is zero or the target is zero.
+    /// If [`DriverConfig::check`] fails.
     pub fn new(policy: P, workload: &Workload, cfg: DriverConfig) -> Self {
-        assert!(
-            cfg.interval > 0 && cfg.batch > 0,
-            "interval and batch must be positive"
-        );
-        assert!(cfg.target != Some(0), "target must be positive");
+        if let Err(e) = cfg.check() {
+            panic!("bad DriverConfig: {e}");
+        }
         let pages = workload.pages();
         let report = Report {
             workload: workload.name(),

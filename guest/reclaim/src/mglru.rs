@@ -37,6 +37,7 @@ use crate::backend::{bit, for_each_set, set_bit, words_for, AgeFlags, Backend};
 use crate::policy::{GenSizes, Policy, MAX_GENS};
 use alloc::vec;
 use alloc::vec::Vec;
+use core::fmt;
 
 /// Page state bit: the page is resident (managed by the policy).
 const RESIDENT: u8 = 0x80;
@@ -70,6 +71,51 @@ impl Default for MglruConfig {
             harvest_chunk: 4096,
             lookaround: 512,
         }
+    }
+}
+
+/// An [`MglruConfig`] out of range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MglruConfigError {
+    /// `gens` not in `4..=MAX_GENS`.
+    Gens(u8),
+    /// `insert_distance` not in `1..gens`.
+    InsertDistance(u8),
+    /// `lookaround` not a power of two in `64..=512`.
+    Lookaround(u32),
+    /// `harvest_chunk` below 64.
+    HarvestChunk(u32),
+}
+
+impl fmt::Display for MglruConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MglruConfigError::Gens(n) => write!(f, "gens {n} not in 4..={MAX_GENS}"),
+            MglruConfigError::InsertDistance(d) => write!(f, "insert_distance {d} not in 1..gens"),
+            MglruConfigError::Lookaround(w) => {
+                write!(f, "lookaround {w} not a power of two in 64..=512")
+            }
+            MglruConfigError::HarvestChunk(n) => write!(f, "harvest_chunk {n} below 64"),
+        }
+    }
+}
+
+impl MglruConfig {
+    /// Checks the ranges documented on the fields.
+    pub fn check(&self) -> Result<(), MglruConfigError> {
+        if !(4..=MAX_GENS as u8).contains(&self.gens) {
+            return Err(MglruConfigError::Gens(self.gens));
+        }
+        if !(1..self.gens).contains(&self.insert_distance) {
+            return Err(MglruConfigError::InsertDistance(self.insert_distance));
+        }
+        if !self.lookaround.is_power_of_two() || !(64..=512).contains(&self.lookaround) {
+            return Err(MglruConfigError::Lookaround(self.lookaround));
+        }
+        if self.harvest_chunk < 64 {
+            return Err(MglruConfigError::HarvestChunk(self.harvest_chunk));
+        }
+        Ok(())
     }
 }
 
@@ -125,21 +171,11 @@ impl Mglru {
     ///
     /// # Panics
     ///
-    /// If the configuration is out of range (see [`MglruConfig`]).
+    /// If [`MglruConfig::check`] fails.
     pub fn new(pages: u32, cfg: MglruConfig) -> Self {
-        assert!(
-            (4..=MAX_GENS as u8).contains(&cfg.gens),
-            "gens must be in 4..={MAX_GENS}"
-        );
-        assert!(
-            (1..cfg.gens).contains(&cfg.insert_distance),
-            "insert_distance must be in 1..gens"
-        );
-        assert!(
-            cfg.lookaround.is_power_of_two() && (64..=512).contains(&cfg.lookaround),
-            "lookaround must be a power of two in 64..=512"
-        );
-        assert!(cfg.harvest_chunk >= 64, "harvest_chunk must be >= 64");
+        if let Err(e) = cfg.check() {
+            panic!("bad MglruConfig: {e}");
+        }
         let words = words_for(cfg.harvest_chunk.max(cfg.lookaround));
         Mglru {
             cfg,
@@ -230,9 +266,13 @@ impl Mglru {
     /// First young bit of a page on probation: presumed to be the access
     /// that made it resident, so it only ends the probation. (Lifting the
     /// page back to the insertion generation here was tried: no measurable
-    /// effect.)
+    /// effect.) The page was young all the same, so for proactive reclaim
+    /// its generation counts as entered now; otherwise a page refaulted
+    /// under a one-pass threshold would be selected again before it could
+    /// ever be promoted.
     fn end_probation(&mut self, page: u32, s: u8) {
         self.state[page as usize] = s & !PROBATION;
+        self.entered[(s & SLOT_MASK) as usize] = self.pass;
         self.stats.probations_ended += 1;
     }
 
@@ -483,5 +523,234 @@ impl Policy for Mglru {
         Some(GenSizes::new(
             (self.min_seq..=self.max_seq).map(|seq| self.sizes[self.slot(seq) as usize]),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::Memory;
+    use crate::sim::SimBackend;
+
+    fn setup(pages: u32) -> (Mglru, SimBackend) {
+        (
+            Mglru::new(pages, MglruConfig::default()),
+            SimBackend::new(pages),
+        )
+    }
+
+    /// Inserts `pages` as the driver does (resident, then accessed).
+    fn fault_in(m: &mut Mglru, sim: &mut SimBackend, pages: impl IntoIterator<Item = u32>) {
+        for p in pages {
+            m.inserted(p);
+            sim.access(p, false).unwrap();
+        }
+    }
+
+    fn touch(sim: &mut SimBackend, pages: impl IntoIterator<Item = u32>) {
+        for p in pages {
+            sim.access(p, false).unwrap();
+        }
+    }
+
+    #[test]
+    fn new_pages_enter_below_the_youngest_on_probation() {
+        let (mut m, mut sim) = setup(256);
+        fault_in(&mut m, &mut sim, [5]);
+        let (min, max) = m.seqs();
+        // Empty at first, so only two generations are alive: the older one.
+        assert_eq!((min + 1, m.generation_of(5)), (max, Some(min)));
+        assert!(m.on_probation(5));
+        // With all four alive: two below the youngest.
+        m.age(&mut sim).unwrap();
+        for p in 6..9 {
+            touch(&mut sim, [5, p - 1]);
+            m.age(&mut sim).unwrap();
+            fault_in(&mut m, &mut sim, [p]);
+        }
+        let (min, max) = m.seqs();
+        assert_eq!(max - min, 3);
+        assert_eq!(m.generation_of(8), Some(max - 2));
+        assert_eq!(m.resident(), 4);
+        assert_eq!(m.generation_of(9), None);
+    }
+
+    #[test]
+    fn the_faulting_access_alone_does_not_promote() {
+        let (mut m, mut sim) = setup(256);
+        fault_in(&mut m, &mut sim, [5, 6]);
+        let g = m.generation_of(5).unwrap();
+        // Pass 1 sees both young: presumed to be the faults; probation ends.
+        m.age(&mut sim).unwrap();
+        assert!(!m.on_probation(5) && !m.on_probation(6));
+        assert_eq!((m.generation_of(5), m.generation_of(6)), (Some(g), Some(g)));
+        // Page 6 is used again, page 5 is not: only 6 reaches the youngest.
+        touch(&mut sim, [6]);
+        m.age(&mut sim).unwrap();
+        assert_eq!(m.generation_of(6), Some(m.seqs().1));
+        assert_eq!(m.generation_of(5), Some(g));
+        assert_eq!(m.stats().promoted_by_pass, 1);
+    }
+
+    #[test]
+    fn a_pass_that_sees_no_use_opens_no_generation() {
+        let (mut m, mut sim) = setup(256);
+        fault_in(&mut m, &mut sim, 0..10);
+        m.age(&mut sim).unwrap();
+        let seqs = m.seqs();
+        m.age(&mut sim).unwrap();
+        m.age(&mut sim).unwrap();
+        assert_eq!(m.seqs(), seqs);
+        assert!(m.stats().passes_without_advance >= 2);
+        touch(&mut sim, [3]);
+        m.age(&mut sim).unwrap();
+        assert_eq!(m.seqs(), (seqs.0, seqs.1 + 1));
+        assert_eq!(m.generation_of(3), Some(seqs.1 + 1));
+    }
+
+    #[test]
+    fn generations_stay_within_the_configured_count() {
+        let (mut m, mut sim) = setup(256);
+        fault_in(&mut m, &mut sim, 0..256);
+        for round in 0..20u32 {
+            touch(&mut sim, (round % 8..256).step_by(8));
+            m.age(&mut sim).unwrap();
+            let (min, max) = m.seqs();
+            assert!(max - min < 4, "{min}..={max}");
+            let sizes = m.generation_sizes().unwrap();
+            assert!(sizes.as_slice().len() <= 4);
+            assert_eq!(sizes.as_slice().iter().sum::<u32>(), 256);
+        }
+    }
+
+    #[test]
+    fn eviction_takes_the_oldest_generation_first() {
+        let (mut m, mut sim) = setup(64);
+        fault_in(&mut m, &mut sim, 0..64);
+        m.age(&mut sim).unwrap();
+        touch(&mut sim, 0..32);
+        m.age(&mut sim).unwrap();
+        let mut out = Vec::new();
+        m.select_victims(&mut sim, 8, &mut out).unwrap();
+        assert_eq!(out, (32..40).collect::<Vec<_>>());
+        assert_eq!(m.resident(), 56);
+        assert!(out.iter().all(|&p| m.generation_of(p).is_none()));
+        // The cursor goes on where it stopped.
+        m.select_victims(&mut sim, 4, &mut out).unwrap();
+        assert_eq!(out[8..], [40, 41, 42, 43]);
+    }
+
+    #[test]
+    fn look_around_is_one_masked_call_that_also_promotes_neighbours() {
+        let (mut m, mut sim) = setup(1024);
+        fault_in(&mut m, &mut sim, 0..512);
+        m.age(&mut sim).unwrap(); // probations end
+        touch(&mut sim, 100..110);
+        m.age(&mut sim).unwrap(); // 100..110 -> a new youngest generation
+        touch(&mut sim, 200..210);
+        m.age(&mut sim).unwrap(); // 200..210 -> the next one; 100..110 below
+        let (min, max) = m.seqs();
+        assert_eq!(m.generation_of(105), Some(max - 1));
+        assert_eq!(m.generation_of(10), Some(min));
+        // A young candidate, a young neighbour in a middle generation and
+        // one in the youngest.
+        touch(&mut sim, [10, 105, 205]);
+        let calls = sim.calls();
+        let mut out = Vec::new();
+        m.select_victims(&mut sim, 12, &mut out).unwrap();
+        assert_eq!(sim.calls() - calls, 1, "one call for the whole window");
+        assert_eq!(out, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12]);
+        // The candidate was kept and its flag cleared (it was in the mask)...
+        assert_eq!(m.generation_of(10), Some(max));
+        assert!(!sim.is_young(10));
+        // ...the neighbour was promoted from the same bitmap, flag left set.
+        assert_eq!(m.generation_of(105), Some(max));
+        assert!(sim.is_young(105) && sim.is_young(205));
+        let s = m.stats();
+        assert_eq!(
+            (s.candidates_kept, s.neighbours_promoted, s.lookaround_calls),
+            (1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn a_young_candidate_on_probation_is_spared_once() {
+        let (mut m, mut sim) = setup(64);
+        fault_in(&mut m, &mut sim, 0..64);
+        let mut out = Vec::new();
+        m.select_victims(&mut sim, 8, &mut out).unwrap();
+        // First look: all young, but those bits are the faults: spared, flags
+        // cleared. Second look (the next lap): evicted.
+        assert_eq!(out, (0..8).collect::<Vec<_>>());
+        assert_eq!(sim.calls(), 2);
+        assert!((8..64).all(|p| !m.on_probation(p)));
+    }
+
+    #[test]
+    fn select_cold_takes_pages_not_young_for_min_age_passes() {
+        let (mut m, mut sim) = setup(128);
+        fault_in(&mut m, &mut sim, 0..100);
+        m.age(&mut sim).unwrap();
+        for _ in 0..4 {
+            touch(&mut sim, 0..50);
+            m.age(&mut sim).unwrap();
+        }
+        // 50..100 were last young in pass 1 (their faults), 4 passes ago.
+        let mut out = Vec::new();
+        m.select_cold(&mut sim, 5, &mut out).unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        m.select_cold(&mut sim, 4, &mut out).unwrap();
+        assert_eq!(out, (50..100).collect::<Vec<_>>());
+        m.select_cold(&mut sim, 1, &mut out).unwrap();
+        assert_eq!(out.len(), 50, "0..50 were young in the last pass");
+        assert_eq!(m.resident(), 50);
+        assert_eq!(m.stats().selected_cold, 50);
+    }
+
+    #[test]
+    fn ending_probation_counts_as_young_for_proactive_reclaim() {
+        let (mut m, mut sim) = setup(64);
+        fault_in(&mut m, &mut sim, 0..8);
+        for _ in 0..5 {
+            m.age(&mut sim).unwrap();
+        }
+        // Refault page 20 into the old generation of 0..8.
+        fault_in(&mut m, &mut sim, [20]);
+        m.age(&mut sim).unwrap();
+        let mut out = Vec::new();
+        m.select_cold(&mut sim, 1, &mut out).unwrap();
+        assert!(out.is_empty(), "{out:?}: page 20 was young in this pass");
+        m.age(&mut sim).unwrap();
+        m.select_cold(&mut sim, 1, &mut out).unwrap();
+        assert_eq!(out, [0, 1, 2, 3, 4, 5, 6, 7, 20]);
+    }
+
+    #[test]
+    fn eviction_empties_memory_when_asked_for_everything() {
+        let (mut m, mut sim) = setup(300);
+        fault_in(&mut m, &mut sim, 0..300);
+        m.age(&mut sim).unwrap();
+        touch(&mut sim, 0..300);
+        let mut out = Vec::new();
+        m.select_victims(&mut sim, 1000, &mut out).unwrap();
+        out.sort_unstable();
+        assert_eq!(out, (0..300).collect::<Vec<_>>());
+        assert_eq!(m.resident(), 0);
+        // And it starts over cleanly.
+        fault_in(&mut m, &mut sim, [7]);
+        assert!(m.on_probation(7));
+        assert_eq!(m.resident(), 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "lookaround")]
+    fn bad_lookaround_is_refused() {
+        Mglru::new(
+            64,
+            MglruConfig {
+                lookaround: 100,
+                ..MglruConfig::default()
+            },
+        );
     }
 }

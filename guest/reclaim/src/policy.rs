@@ -5,6 +5,7 @@
 use crate::backend::Backend;
 use crate::baseline::{ClockPerPage, Fifo};
 use crate::mglru::{Mglru, MglruConfig};
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -137,7 +138,7 @@ impl PolicyKind {
     /// Same, with `mglru` as the configuration of [`Mglru`].
     pub fn build_with(self, pages: u32, mglru: MglruConfig) -> AnyPolicy {
         match self {
-            PolicyKind::Mglru => AnyPolicy::Mglru(Mglru::new(pages, mglru)),
+            PolicyKind::Mglru => AnyPolicy::Mglru(Box::new(Mglru::new(pages, mglru))),
             PolicyKind::Fifo => AnyPolicy::Fifo(Fifo::new(pages)),
             PolicyKind::ClockPerPage => AnyPolicy::ClockPerPage(ClockPerPage::new(pages)),
         }
@@ -147,8 +148,8 @@ impl PolicyKind {
 /// One of the policies, chosen at run time.
 #[derive(Debug)]
 pub enum AnyPolicy {
-    /// [`Mglru`].
-    Mglru(Mglru),
+    /// [`Mglru`] (boxed: its inline generation tables dwarf the others).
+    Mglru(Box<Mglru>),
     /// [`Fifo`].
     Fifo(Fifo),
     /// [`ClockPerPage`].

@@ -8,7 +8,7 @@
 //!   faults. The TLB is not modelled: `FLUSH` is accepted and has no effect.
 //! - [`lru_refaults`] (exact LRU) and [`belady_refaults`] (MIN: evict the
 //!   page used furthest in the future) replay a trace with a fixed capacity
-//!   and count refaults like the [driver](crate::driver) does.
+//!   and count refaults like [`crate::driver`] does.
 
 use crate::backend::{words_for, AgeFlags, Backend};
 use crate::driver::{self, DriverConfig, Memory, Report, RunErrorOf};
