@@ -182,11 +182,7 @@ struct Pct(u64, u64);
 
 impl core::fmt::Display for Pct {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        let hundredths = if self.1 == 0 {
-            0
-        } else {
-            self.0 * 10_000 / self.1
-        };
+        let hundredths = (self.0 * 10_000).checked_div(self.1).unwrap_or(0);
         write!(f, "{}.{:02}", hundredths / 100, hundredths % 100)
     }
 }
@@ -241,7 +237,7 @@ fn run_one(args: &ReclaimArgs, kind: WorkloadKind, policy: PolicyKind) -> Result
             .step(&mut env, access)
             .map_err(|e| RunFailure::Driver(alloc::format!("{e}")))?;
         let step = i as u64 + 1;
-        if step % every == 0 || step == total {
+        if step.is_multiple_of(every) || step == total {
             let held = frames_mapped()?.saturating_sub(baseline);
             held_sum += held;
             samples += 1;

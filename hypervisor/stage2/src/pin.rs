@@ -51,7 +51,8 @@ use crate::{desc::LOCKED, error::MapError};
 /// called).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum PinError {
-    /// No valid leaf maps the IPA: map it (demand fault) and retry.
+    /// No valid leaf maps the IPA (as given): map its page (demand fault)
+    /// and retry.
     NotMapped(Ipa),
     /// The entry that ends the walk to the IPA is locked by a writer
     /// (break-before-make, migration, table removal) or by another pin, or
@@ -140,12 +141,11 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<'_, M, T> {
         if ipa.0 >= self.ipa_limit() {
             return Err(PinError::OutOfRange(ipa));
         }
-        let page = ipa.align_down(PAGE_SIZE);
         // After a successful lock the engine re-reads the entry, finds it
         // locked (not a table) and ends the walk: the closure is not
         // called again, so a pin is never lost.
         let pinned = self
-            .leaf_at(page, |ctx| self.pin_leaf(ctx, page))
+            .leaf_at(ipa, |ctx| self.pin_leaf(ctx, ipa))
             .ok_or(PinError::OutOfRange(ipa))??;
         // SAFETY: `entry` points into a table page that the walk reached;
         // the entry now holds our lock, and a table with a locked entry is
@@ -162,14 +162,14 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<'_, M, T> {
     }
 
     /// The visit of [`Stage2::with_page_pinned`]: locks the valid leaf in
-    /// `ctx`, which covers `page`.
-    fn pin_leaf(&self, ctx: &VisitCtx<'_>, page: Ipa) -> Result<Pinned, PinError> {
+    /// `ctx`, which covers `ipa`.
+    fn pin_leaf(&self, ctx: &VisitCtx<'_>, ipa: Ipa) -> Result<Pinned, PinError> {
         let busy = PinError::Busy {
             ipa: ctx.ipa,
             level: ctx.level,
         };
         let pa = match ctx.view() {
-            DescView::Invalid => return Err(PinError::NotMapped(page)),
+            DescView::Invalid => return Err(PinError::NotMapped(ipa)),
             DescView::Locked | DescView::Table { .. } => return Err(busy),
             DescView::Block { pa, .. } | DescView::Page { pa, .. } => pa,
         };
@@ -179,10 +179,10 @@ impl<M: TableAlloc, T: TlbInvalidate> Stage2<'_, M, T> {
             Ok(value) => Ok(Pinned {
                 entry: ctx.entry,
                 value,
-                page: pa.add(page.offset_from(ctx.ipa)),
+                page: pa.add(ipa.align_down(PAGE_SIZE).offset_from(ctx.ipa)),
             }),
             Err(_) => match ctx.entry.view(ctx.level) {
-                DescView::Invalid => Err(PinError::NotMapped(page)),
+                DescView::Invalid => Err(PinError::NotMapped(ipa)),
                 _ => Err(busy),
             },
         }

@@ -6,10 +6,13 @@
 //! panic).
 //!
 //! - `everything_at_once`: harvesters, hardware access-flag setters, fault
-//!   installers, an unmapper, a block splitter and a migrator for a bounded
-//!   time; then the frames mapped must be exactly the frames handed out,
-//!   and after unmapping everything no table, frame or pending item is
-//!   left.
+//!   installers, an unmapper (half of its whole-slot unmaps leaf-only), a
+//!   block splitter, a migrator, a lockless empty-table scanner and a
+//!   pinner (which checks that a pinned frame stays handed out) for a
+//!   bounded time; then the frames mapped must be exactly the frames
+//!   handed out, a scan of the window must leave exactly the tables the
+//!   leaves need, and after unmapping everything no table, frame or
+//!   pending item is left.
 //! - `no_access_is_lost`: the setters record, against the harvester's
 //!   epochs, when they set an access flag; after each harvest the harvester
 //!   checks that every access made before the previous harvest completed
@@ -32,9 +35,10 @@ use std::vec::Vec;
 
 use common::{hw_touch, play_cpu, HostAlloc, RecordingTlb, GIB1, MIB2};
 use hyp_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
+use stage2::desc::{level_size, LEAF_LEVEL};
 use stage2::{
-    FaultOutcome, HarvestFlags, MapFlags, MemType, MigrateOutcome, Perms, Rcu, Stage2, VisitCtx,
-    Visitor, WalkFlags,
+    FaultOutcome, HarvestFlags, MapFlags, MemType, MigrateOutcome, Perms, PinError, Rcu, Stage2,
+    VisitCtx, Visitor, WalkFlags,
 };
 
 type S2<'a> = Stage2<'static, &'a HostAlloc, &'a RecordingTlb<'a>>;
@@ -261,6 +265,11 @@ impl FramePool {
     fn out(&self) -> HashSet<u64> {
         self.frames.lock().unwrap().out.clone()
     }
+
+    /// Whether the 4 KiB frame `pa` is handed out (not back in the pool).
+    fn is_out(&self, pa: PhysAddr) -> bool {
+        self.frames.lock().unwrap().out.contains(&pa.0)
+    }
 }
 
 /// Every valid leaf: (ipa, size, pa).
@@ -337,9 +346,15 @@ struct Stats {
     already: Count,
     retried: Count,
     unmaps: Count,
+    leaf_unmaps: Count,
     unmapped_pages: Count,
     tables_removed: Count,
     tables_reclaimed: Count,
+    scans: Count,
+    tables_scanned_away: Count,
+    pins: Count,
+    pins_not_mapped: Count,
+    pins_busy: Count,
     blocks: Count,
     splits: Count,
     moved: Count,
@@ -479,9 +494,15 @@ fn unmapper(c: &Ctx<'_>, rng: &mut Rng) {
                 (slot * PAGES_PER_BLOCK, c.win.pages / 2)
             }
         };
-        let stats =
-            c.s2.unmap_batched(c.win.ipa(first), pages * PAGE_SIZE, &mut batch)
-                .expect("unmap");
+        // Half the unmaps leave their emptied tables to the scanner.
+        let (ipa, size) = (c.win.ipa(first), pages * PAGE_SIZE);
+        let stats = if rng.chance(50) {
+            c.stats.leaf_unmaps.add(1);
+            c.s2.unmap_leaves_batched(ipa, size, &mut batch)
+        } else {
+            c.s2.unmap_batched(ipa, size, &mut batch)
+        }
+        .expect("unmap");
         c.stats.unmaps.add(1);
         c.stats.unmapped_pages.add(stats.pages_unmapped);
         c.stats.tables_removed.add(stats.tables_freed);
@@ -549,6 +570,59 @@ fn block_splitter(c: &Ctx<'_>, rng: &mut Rng) {
     }
 }
 
+/// The lockless empty-table scan over the whole window or a few slots,
+/// with its own batch.
+fn empty_table_scanner(c: &Ctx<'_>, rng: &mut Rng) {
+    let mut release = |pa, size| c.pool.release(pa, size);
+    let mut batch = c.s2.batch(&mut release);
+    let slots = c.win.slots();
+    let mut scans = 0u64;
+    while c.running() {
+        let (first, n) = if rng.chance(30) {
+            (0, slots)
+        } else {
+            let slot = rng.below(slots);
+            (slot, (1 + rng.below(8)).min(slots - slot))
+        };
+        let removed =
+            c.s2.reclaim_empty_tables(c.win.ipa(first * PAGES_PER_BLOCK), n * MIB2, &mut batch)
+                .expect("scan");
+        c.stats.scans.add(1);
+        c.stats.tables_scanned_away.add(removed);
+        scans += 1;
+        if scans.is_multiple_of(8) {
+            batch.flush();
+            let freed = c.s2.reclaim_tables(false);
+            c.stats.tables_reclaimed.add(freed as u64);
+        }
+        c.s2.rcu().quiescent();
+    }
+}
+
+/// Pins random pages as a hypervisor access would, and checks inside the
+/// pin that the frame is still handed out: a pinned frame is never
+/// released (unmap and migration wait or back off).
+fn pinner(c: &Ctx<'_>, rng: &mut Rng) {
+    while c.running() {
+        let ipa = c.win.ipa(rng.below(c.win.pages));
+        let offset = rng.below(PAGE_SIZE);
+        let result = c.s2.with_page_pinned(Ipa(ipa.0 + offset), |pa| {
+            assert!(pa.is_page_aligned());
+            for _ in 0..1 + rng.below(4) {
+                assert!(c.pool.is_out(pa), "pinned frame {pa} was released");
+                std::hint::spin_loop();
+            }
+        });
+        match result {
+            Ok(()) => c.stats.pins.add(1),
+            Err(PinError::NotMapped(_)) => c.stats.pins_not_mapped.add(1),
+            Err(PinError::Busy { .. }) => c.stats.pins_busy.add(1),
+            Err(e @ PinError::OutOfRange(_)) => panic!("pin: {e}"),
+        }
+        c.s2.rcu().quiescent();
+    }
+}
+
 fn migrator(c: &Ctx<'_>, rng: &mut Rng) {
     let mut release = |pa, size| c.pool.release(pa, size);
     let mut batch = c.s2.batch(&mut release);
@@ -606,6 +680,8 @@ fn everything_at_once() {
             c.spawn(scope, 7, unmapper),
             c.spawn(scope, 8, block_splitter),
             c.spawn(scope, 9, migrator),
+            c.spawn(scope, 10, empty_table_scanner),
+            c.spawn(scope, 11, pinner),
         ];
         supervise(scope, cfg.secs, &stop, &done, workers);
     });
@@ -640,6 +716,27 @@ fn everything_at_once() {
         foreign.is_empty(),
         "frames mapped, not handed out: {foreign:x?}"
     );
+    // A scan of the window leaves exactly the tables the leaves need: the
+    // root, and one table per level on the path of each leaf.
+    let mut release = |pa, size| pool.release(pa, size);
+    let mut batch = s2.batch(&mut release);
+    s2.reclaim_empty_tables(win.ipa(0), win.pages * PAGE_SIZE, &mut batch)
+        .expect("final scan");
+    drop(batch);
+    s2.reclaim_tables(true);
+    let mut needed = HashSet::new();
+    for &(ipa, size, _) in &leaves.0 {
+        let level = (1..=LEAF_LEVEL).find(|&l| level_size(l) == size).unwrap();
+        for l in 1..=level {
+            needed.insert((l, ipa & !(level_size(l - 1) - 1)));
+        }
+    }
+    assert_eq!(
+        s2.table_pages(),
+        1 + needed.len() as u64,
+        "empty tables left"
+    );
+    assert_eq!(s2.table_pages(), alloc.live() as u64);
     // Unmap everything: no page, table, frame or pending item is left.
     let mut release = |pa, size| pool.release(pa, size);
     let mut batch = s2.batch(&mut release);
@@ -661,7 +758,8 @@ fn everything_at_once() {
          harvests {} ({} pages, {} young, {} count mismatches); \
          hw-af {} set/{} already young/{} unmapped; \
          faults {} installed/{} already mapped/{} retry; \
-         unmaps {} ({} pages, {} tables removed, {} reclaimed); \
+         unmaps {} ({} leaf-only, {} pages, {} tables removed, {} reclaimed); \
+         scans {} ({} tables removed); pins {} ok/{} not mapped/{} busy; \
          blocks {} mapped/{} split; migrations {} moved/{} not; \
          frames {} fresh/{} recycled/{} released; tables {} allocated; \
          tlbi {} by ipa/{} vmid",
@@ -679,9 +777,15 @@ fn everything_at_once() {
         s.already.get(),
         s.retried.get(),
         s.unmaps.get(),
+        s.leaf_unmaps.get(),
         s.unmapped_pages.get(),
         s.tables_removed.get(),
         s.tables_reclaimed.get(),
+        s.scans.get(),
+        s.tables_scanned_away.get(),
+        s.pins.get(),
+        s.pins_not_mapped.get(),
+        s.pins_busy.get(),
         s.blocks.get(),
         s.splits.get(),
         s.moved.get(),
@@ -700,6 +804,9 @@ fn everything_at_once() {
         ("faults", s.installed.get()),
         ("unmaps", s.unmaps.get()),
         ("tables removed", s.tables_removed.get()),
+        ("leaf-only unmaps", s.leaf_unmaps.get()),
+        ("tables scanned away", s.tables_scanned_away.get()),
+        ("pins", s.pins.get()),
         ("blocks", s.blocks.get()),
         ("migrations", s.moved.get()),
         ("recycled frames", pool.recycled.get()),

@@ -16,7 +16,7 @@ use hyp_core::addr::{Ipa, PhysAddr, PhysFrame, PAGE_SIZE};
 use hyp_core::hypercall::{self, ArgError, GuestRam};
 use hyp_store::{PageStore, StoreError, PAGE_BYTES};
 use log::warn;
-use stage2::HarvestFlags;
+use stage2::{HarvestFlags, MapError};
 
 use super::guest_mem::{self, AccessError};
 use super::Vm;
@@ -266,7 +266,11 @@ fn test_clear(vm: &Vm, [ipa, npages, bitmap_ipa, flags]: [u64; 4]) -> Result<Ans
 /// flush and a grace period).
 fn release(vm: &Vm, ipa: u64, npages: u64) -> Result<Answer, CallError> {
     let range = hypercall::page_range(&ram(vm), "ipa", ipa, npages, limits::RELEASE_MAX_PAGES)?;
+    // Pages whose frames went back: what the release unmapped, counted as
+    // the frames are freed (after the flushes), attempts included.
+    let mut freed = 0u64;
     let mut free = |pa: PhysAddr, size: u64| {
+        freed += size / PAGE_SIZE;
         let mut at = pa;
         while at.as_u64() < pa.as_u64() + size {
             if let Some(frame) = PhysFrame::from_start(at) {
@@ -276,10 +280,23 @@ fn release(vm: &Vm, ipa: u64, npages: u64) -> Result<Answer, CallError> {
         }
     };
     let mut batch = vm.stage2.batch(&mut free);
-    let unmapped = vm
-        .stage2
-        .unmap_leaves_batched(Ipa(range.ipa), range.len(), &mut batch)
-        .map_err(|_| CallError::NoMemory("no frame to split a block"))?;
+    loop {
+        match vm
+            .stage2
+            .unmap_leaves_batched(Ipa(range.ipa), range.len(), &mut batch)
+        {
+            Ok(_) => break,
+            // A page of the range is pinned by another vCPU's store or
+            // aging call for the length of one page copy: what was
+            // unmapped so far stays unmapped; go again.
+            Err(MapError::Busy { .. }) => {
+                batch.flush();
+                super::RCU.quiescent();
+            }
+            // Splitting a block needs a table page.
+            Err(_) => return Err(CallError::NoMemory("no frame for a stage-2 table")),
+        }
+    }
     // Leaves first, so the scan below sees their tables empty.
     batch.flush();
     let tables = vm
@@ -294,13 +311,11 @@ fn release(vm: &Vm, ipa: u64, npages: u64) -> Result<Answer, CallError> {
     // states between chunks). We hold no lock and are in no walk.
     vm.stage2.reclaim_tables(tables > 0);
     vm.vendor.release_calls.fetch_add(1, Ordering::Relaxed);
-    vm.vendor
-        .released_pages
-        .fetch_add(unmapped.pages_unmapped, Ordering::Relaxed);
+    vm.vendor.released_pages.fetch_add(freed, Ordering::Relaxed);
     vm.vendor
         .tables_unlinked
         .fetch_add(tables, Ordering::Relaxed);
-    Ok([unmapped.pages_unmapped, tables, 0, 0])
+    Ok([freed, tables, 0, 0])
 }
 
 fn store(vm: &Vm) -> Result<&spin::Mutex<Store>, CallError> {
@@ -363,9 +378,9 @@ fn stats(vm: &Vm, group: u64) -> Result<Answer, CallError> {
             let s = vm.store.as_ref().map(|s| s.lock().stats());
             [
                 ok,
-                s.map_or(0, |s| s.entries as u64),
-                s.map_or(0, |s| s.stored_bytes as u64),
-                s.map_or(0, |s| s.frames_used as u64),
+                s.map_or(0, |s| s.entries),
+                s.map_or(0, |s| s.stored_bytes),
+                s.map_or(0, |s| s.frames_used),
             ]
         }
         stats_group::AGING => [

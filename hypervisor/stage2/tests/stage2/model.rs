@@ -1,13 +1,15 @@
-//! Property tests: random map / unmap / protect sequences checked against a
-//! simple model, and random (mostly bad) arguments checked against the
-//! argument rules.
+//! Property tests: random map / unmap / leaf-only unmap / protect /
+//! empty-table scan sequences checked against a simple model (and, after a
+//! scan of everything, the table count against the tables the leaves
+//! need), and random (mostly bad) arguments checked against the argument
+//! rules.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::vec::Vec;
 
 use hyp_core::addr::{Ipa, PhysAddr};
 use proptest::prelude::*;
-use stage2::desc::level_size;
+use stage2::desc::{level_size, LEAF_LEVEL};
 use stage2::{
     DescView, MapError, MapFlags, MemType, Perms, S2Attrs, VisitCtx, VisitKind, Visitor, WalkFlags,
 };
@@ -36,6 +38,16 @@ enum Op {
         flags: MapFlags,
     },
     Unmap {
+        ipa: u64,
+        pages: u64,
+    },
+    /// `unmap_leaves_batched`: emptied tables stay.
+    UnmapLeaves {
+        ipa: u64,
+        pages: u64,
+    },
+    /// `reclaim_empty_tables`: no change to any translation.
+    ReclaimEmpty {
         ipa: u64,
         pages: u64,
     },
@@ -121,9 +133,10 @@ impl Model {
                     },
                 );
             }
-            Op::Unmap { ipa, pages } => {
+            Op::Unmap { ipa, pages } | Op::UnmapLeaves { ipa, pages } => {
                 self.cut(ipa, ipa + pages * KIB4);
             }
+            Op::ReclaimEmpty { .. } => {}
             Op::Protect { ipa, pages, perms } => {
                 for (k, r) in self.cut(ipa, ipa + pages * KIB4) {
                     let perms = match r.mem {
@@ -185,6 +198,22 @@ impl Visitor for Leaves {
             }
         }
     }
+}
+
+/// The table pages that the leaves `(ipa, size, ..)` need: the root, and
+/// for each leaf at level `l`, the tables of levels `1..=l` on its path
+/// (one per range covered by an entry of the level above).
+fn needed_tables(leaves: &[(u64, u64, u64, S2Attrs)]) -> u64 {
+    let mut tables = BTreeSet::new();
+    for &(ipa, size, _, _) in leaves {
+        let level = (1..=LEAF_LEVEL)
+            .find(|&l| level_size(l) == size)
+            .expect("leaf size");
+        for l in 1..=level {
+            tables.insert((l, ipa & !(level_size(l - 1) - 1)));
+        }
+    }
+    1 + tables.len() as u64
 }
 
 fn perms() -> impl Strategy<Value = Perms> {
@@ -258,6 +287,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => map,
         2 => range().prop_map(|(ipa, pages)| Op::Unmap { ipa, pages }),
+        1 => range().prop_map(|(ipa, pages)| Op::UnmapLeaves { ipa, pages }),
+        1 => range().prop_map(|(ipa, pages)| Op::ReclaimEmpty { ipa, pages }),
         2 => (range(), perms()).prop_map(|((ipa, pages), perms)| Op::Protect { ipa, pages, perms }),
     ]
 }
@@ -273,6 +304,23 @@ fn run(s2: &S2<'_>, op: Op) -> Result<(), MapError> {
             flags,
         } => s2.map(Ipa(ipa), PhysAddr(pa), pages * KIB4, perms, mem, flags),
         Op::Unmap { ipa, pages } => s2.unmap(Ipa(ipa), pages * KIB4).map(drop),
+        Op::UnmapLeaves { ipa, pages } => {
+            let mut release = |_, _| {};
+            let mut batch = s2.batch(&mut release);
+            let stats = s2.unmap_leaves_batched(Ipa(ipa), pages * KIB4, &mut batch)?;
+            assert_eq!(stats.tables_freed, 0);
+            Ok(())
+        }
+        Op::ReclaimEmpty { ipa, pages } => {
+            let mut release = |_, _| {};
+            let mut batch = s2.batch(&mut release);
+            let tables = s2.table_pages();
+            let removed = s2.reclaim_empty_tables(Ipa(ipa), pages * KIB4, &mut batch)?;
+            drop(batch);
+            // No CPU is online: the flush freed them at once.
+            assert_eq!(s2.table_pages(), tables - removed);
+            Ok(())
+        }
         Op::Protect { ipa, pages, perms } => s2.protect(Ipa(ipa), pages * KIB4, perms),
     }
 }
@@ -312,6 +360,16 @@ fn check_sequence(ops: &[Op]) -> Result<(), TestCaseError> {
         covered += size / KIB4;
     }
     prop_assert_eq!(covered, model.pages());
+    // A scan of everything leaves exactly the tables the leaves need.
+    let tables_before = s2.table_pages();
+    let removed = {
+        let mut release = |_, _| {};
+        let mut batch = s2.batch(&mut release);
+        s2.reclaim_empty_tables(Ipa(0), 1 << 40, &mut batch)
+    };
+    prop_assert_eq!(removed, Ok(tables_before - s2.table_pages()));
+    prop_assert_eq!(s2.table_pages(), needed_tables(&leaves.0));
+    prop_assert_eq!(s2.table_pages() as usize, alloc.live());
     // Model <=> translate: every page of the window, run edges and samples
     // of the 1 GiB region.
     for page in 0..WIN_PAGES {

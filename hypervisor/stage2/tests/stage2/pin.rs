@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyp_core::addr::{Ipa, PhysAddr};
 use stage2::desc::LOCKED;
@@ -84,7 +84,7 @@ fn pin_errors_do_not_call_the_closure() {
     map(&s2, page.0, 0x8000_0000, KIB4, PAGES);
     let mut calls = 0;
     // No table on the way, and an invalid slot in an existing table.
-    for ipa in [Ipa(0x80_0000_0000), Ipa(page.0 + KIB4)] {
+    for ipa in [Ipa(0x80_0000_0000), Ipa(page.0 + KIB4 + 0x18)] {
         assert_eq!(
             s2.with_page_pinned(ipa, |_| calls += 1),
             Err(PinError::NotMapped(ipa))
@@ -229,12 +229,24 @@ fn pin_keeps_the_access_flag() {
     assert_eq!(harvest(HarvestFlags::empty()), 0);
 }
 
+/// Sets the flag when dropped (also on a panic), so that the other threads
+/// of a test stop.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Threads that set and clear the access flag of the pinned page race
-/// with the pin's compare-exchange: the pin retries (an access-flag change
-/// is never "busy"), so every pin succeeds and finds the right frame.
+/// with the pin's compare-exchange (until both sides made progress, within
+/// a time bound): the pin retries (an access-flag change is never
+/// "busy"), so every pin succeeds and finds the right frame.
 #[test]
 fn pin_retries_over_access_flag_races() {
     const PINS: u64 = 20_000;
+    const FLIPS: u64 = 2_000;
     let alloc = HostAlloc::new();
     let tlb = RecordingTlb::new(&alloc, false);
     let s2 = new_s2(&alloc, &tlb);
@@ -261,15 +273,20 @@ fn pin_retries_over_access_flag_races() {
                 rcu.offline();
             });
         }
+        let _stop = StopOnDrop(&stop);
         play_cpu(1);
         rcu.online();
-        for _ in 0..PINS {
+        let start = Instant::now();
+        let mut pins = 0;
+        while (pins < PINS || flips.load(Ordering::Relaxed) < FLIPS)
+            && start.elapsed() < Duration::from_secs(20)
+        {
             assert_eq!(s2.with_page_pinned(ipa, |pa| pa), Ok(PhysAddr(0x8000_0000)));
+            pins += 1;
             rcu.quiescent();
         }
         rcu.offline();
         play_cpu(0);
-        stop.store(true, Ordering::Relaxed);
     });
     assert!(flips.load(Ordering::Relaxed) > 0);
     let t = s2.translate(ipa).unwrap();
@@ -398,11 +415,13 @@ fn pin_blocks_protect_remap_and_split_until_released() {
 }
 
 /// A migrator moves one page to fresh frames again and again and releases
-/// each old frame after its flush; a pinner pins the page meanwhile. The
-/// frame a pin reports is never released while the pin holds it.
+/// each old frame after its flush; a pinner pins the page meanwhile, until
+/// both made progress (at least `ROUNDS` pins and moves, within a time
+/// bound). The frame a pin reports is never released while the pin holds
+/// it.
 #[test]
 fn pins_and_migrations_race() {
-    const PINS: u64 = 5_000;
+    const ROUNDS: u64 = 2_000;
     let alloc = HostAlloc::new();
     let tlb = RecordingTlb::new(&alloc, false);
     let s2 = new_s2(&alloc, &tlb);
@@ -411,7 +430,7 @@ fn pins_and_migrations_race() {
     map(&s2, ipa.0, 0x1_0000_0000, KIB4, PAGES);
     let released = Mutex::new(HashSet::new());
     let stop = AtomicBool::new(false);
-    let (moved, pinned, busy) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let (moved, pinned) = (AtomicU64::new(0), AtomicU64::new(0));
     std::thread::scope(|scope| {
         scope.spawn(|| {
             play_cpu(2);
@@ -435,9 +454,13 @@ fn pins_and_migrations_race() {
             drop(batch);
             rcu.offline();
         });
+        let _stop = StopOnDrop(&stop);
         play_cpu(1);
         rcu.online();
-        for _ in 0..PINS {
+        let start = Instant::now();
+        while (pinned.load(Ordering::Relaxed) < ROUNDS || moved.load(Ordering::Relaxed) < ROUNDS)
+            && start.elapsed() < Duration::from_secs(20)
+        {
             let result = s2.with_page_pinned(ipa, |pa| {
                 for _ in 0..8 {
                     assert!(!released.lock().unwrap().contains(&pa.0));
@@ -445,15 +468,17 @@ fn pins_and_migrations_race() {
                 }
             });
             match result {
-                Ok(()) => pinned.fetch_add(1, Ordering::Relaxed),
-                Err(PinError::Busy { .. }) => busy.fetch_add(1, Ordering::Relaxed),
+                Ok(()) => {
+                    pinned.fetch_add(1, Ordering::Relaxed);
+                }
+                // The migration holds the entry: back off.
+                Err(PinError::Busy { .. }) => {}
                 Err(e) => panic!("{e}"),
-            };
+            }
             rcu.quiescent();
         }
         rcu.offline();
         play_cpu(0);
-        stop.store(true, Ordering::Relaxed);
     });
     assert!(pinned.load(Ordering::Relaxed) > 0);
     assert!(moved.load(Ordering::Relaxed) > 0);

@@ -3,7 +3,7 @@
 //! segments, errors, and faults racing the scan.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Barrier, Mutex};
 use std::vec::Vec;
 
 use hyp_core::addr::{Ipa, PhysAddr};
@@ -70,7 +70,11 @@ fn leaf_unmap_keeps_tables_and_the_scan_removes_them() {
     );
     assert_eq!((s2.mapped_pages(), s2.table_pages()), (0, 4));
     assert_eq!(s2.translate(Ipa(base)), None);
-    assert!(released.lock().unwrap().is_empty(), "not before the flush");
+    // More frames than a batch holds: it flushed some on its own.
+    assert!(
+        released.lock().unwrap().len() < 512,
+        "some wait for the flush"
+    );
     batch.flush();
     assert_eq!(released.lock().unwrap().len(), 512);
     // A CPU is online: the unlinked tables wait for its quiescent state.
@@ -317,9 +321,19 @@ fn bad_ranges_are_rejected() {
     assert!(batch.is_empty());
 }
 
-/// Rounds of: empty the region's leaves (tables stay), then fault
-/// installers fill random pages (creating tables where the scan removed
-/// them) while a scanner removes every table it finds empty. An installed
+/// Counts a finished thread when dropped.
+struct Done<'a>(&'a AtomicUsize);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Rounds of: empty the region's leaves (tables stay), a first scan removes
+/// the empty tables, then fault installers fill random pages (creating
+/// tables again, and installing into tables the scanner nominates) while
+/// the scanner keeps removing every table it finds empty. An installed
 /// page is never lost: after each round every page whose fault reported
 /// `Installed` translates to its frame, and the page count matches.
 #[test]
@@ -340,14 +354,19 @@ fn faults_racing_the_scan_are_never_lost() {
     for round in 0..ROUNDS {
         let installed = Mutex::new(Vec::new());
         let done = AtomicUsize::new(0);
+        let go = Barrier::new(FAULTERS + 1);
         std::thread::scope(|scope| {
             for t in 0..FAULTERS {
-                let (s2, installed, done, next_frame, retries) =
-                    (&s2, &installed, &done, &next_frame, &retries);
+                let (s2, installed, done, next_frame, retries, go) =
+                    (&s2, &installed, &done, &next_frame, &retries, &go);
                 scope.spawn(move || {
                     play_cpu(1 + t);
+                    go.wait();
                     rcu.online();
-                    let mut x = (round << 8 | t as u64) * 0x9e37_79b9_7f4a_7c15 | 1;
+                    // Counted on the way out even on a panic, so that the
+                    // scanner stops and the panic is reported.
+                    let _done = Done(done);
+                    let mut x = ((round << 8) | t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
                     for _ in 0..FAULTS {
                         x ^= x << 13;
                         x ^= x >> 7;
@@ -365,17 +384,19 @@ fn faults_racing_the_scan_are_never_lost() {
                             FaultOutcome::AlreadyMapped => {}
                         }
                         rcu.quiescent();
+                        // Lets the scanner in between on a busy host.
+                        std::thread::yield_now();
                     }
-                    done.fetch_add(1, Ordering::SeqCst);
                     rcu.offline();
                 });
             }
-            let (s2, done, removed) = (&s2, &done, &removed);
+            let (s2, done, removed, go) = (&s2, &done, &removed, &go);
             scope.spawn(move || {
                 play_cpu(1 + FAULTERS);
                 rcu.online();
                 let mut release = |_, _| {};
                 let mut batch = s2.batch(&mut release);
+                let mut first = true;
                 loop {
                     let finished = done.load(Ordering::SeqCst) == FAULTERS;
                     let n = s2
@@ -385,6 +406,9 @@ fn faults_racing_the_scan_are_never_lost() {
                     batch.flush();
                     s2.reclaim_tables(false);
                     rcu.quiescent();
+                    if std::mem::take(&mut first) {
+                        go.wait();
+                    }
                     if finished {
                         break;
                     }
