@@ -23,6 +23,7 @@ use hyp_abi::{age_flags, feature, func, limits, stats_group};
 
 use crate::addr::{PhysAddr, PAGE_SIZE};
 use crate::frames::{self, FrameRun};
+use crate::mmu;
 use crate::selftest::{hvc64_x0, require, require_answer, Failure};
 use crate::smccc_client::{self, VendorCall};
 use crate::System;
@@ -192,24 +193,10 @@ fn with_af_retries(
             Err(failure) if n >= AF_ATTEMPTS => return Err(failure),
             Err(failure) => {
                 log::warn!("{test}: AF check retried after attempt {n}: {failure}");
-                invalidate_local_tlb();
+                mmu::invalidate_local_tlb();
                 n += 1;
             }
         }
-    }
-}
-
-/// Drops this CPU's EL1 TLB entries of the VM (stage 1 and combined).
-fn invalidate_local_tlb() {
-    // SAFETY: TLB invalidation does not change memory; the barriers make
-    // it complete before later accesses.
-    unsafe {
-        core::arch::asm!(
-            "tlbi vmalle1",
-            "dsb nsh",
-            "isb",
-            options(nostack, preserves_flags)
-        );
     }
 }
 

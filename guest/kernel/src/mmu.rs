@@ -277,8 +277,9 @@ pub fn page_is_valid(pa: PhysAddr) -> bool {
     valid
 }
 
-/// Drops this CPU's stage-1 TLB entries (all ASIDs).
-fn invalidate_local_tlb() {
+/// Drops this CPU's stage-1 TLB entries (all ASIDs), and with them the
+/// combined stage 1+2 entries of the VM.
+pub fn invalidate_local_tlb() {
     // SAFETY: TLB invalidation has no effect on memory contents; the
     // barriers make it complete before later translations.
     unsafe {

@@ -42,34 +42,36 @@ use crate::System;
 /// Samples printed per run.
 const SAMPLES: u64 = 40;
 
-/// `AGING_TEST_CLEAR` over the pageable arena: page `i` of the policy is
-/// arena page `i`.
+/// The environment the driver runs in: `AGING_TEST_CLEAR` over the
+/// pageable arena (page `i` of the policy is arena page `i`) and the
+/// arena's real memory.
 #[derive(Debug)]
-pub struct HypBackend {
+struct Env {
+    /// Most pages per aging call (`AGING_FEATURES`).
     max_pages: u32,
+    /// Aging calls made.
     calls: u64,
-    /// Timer ticks spent inside the calls.
+    /// Timer ticks spent inside the aging calls.
     ticks: u64,
+    /// Version last written to each page (0: never written).
+    versions: Vec<u32>,
 }
 
-impl HypBackend {
-    /// A backend using the limits `AGING_FEATURES` reports.
-    pub fn new() -> Result<Self, CallError> {
+impl Env {
+    /// An environment for an arena of `pages` pages, using the limits
+    /// `AGING_FEATURES` reports.
+    fn new(pages: u32) -> Result<Self, CallError> {
         let features = smccc_client::aging_features()?;
         Ok(Self {
             max_pages: u32::try_from(features.max_pages).unwrap_or(u32::MAX),
             calls: 0,
             ticks: 0,
+            versions: vec![0; pages as usize],
         })
-    }
-
-    /// Timer ticks spent in aging calls so far.
-    pub fn ticks(&self) -> u64 {
-        self.ticks
     }
 }
 
-impl Backend for HypBackend {
+impl Backend for Env {
     type Error = CallError;
 
     fn max_pages_per_call(&self) -> u32 {
@@ -99,36 +101,6 @@ impl Backend for HypBackend {
 
     fn calls(&self) -> u64 {
         self.calls
-    }
-}
-
-/// The environment the driver runs in: the aging backend plus real memory.
-#[derive(Debug)]
-struct Env {
-    backend: HypBackend,
-    /// Version last written to each page (0: never written).
-    versions: Vec<u32>,
-}
-
-impl Backend for Env {
-    type Error = CallError;
-
-    fn max_pages_per_call(&self) -> u32 {
-        self.backend.max_pages_per_call()
-    }
-
-    fn test_clear(
-        &mut self,
-        first: u32,
-        npages: u32,
-        bitmap: &mut [u64],
-        flags: AgeFlags,
-    ) -> Result<u64, CallError> {
-        self.backend.test_clear(first, npages, bitmap, flags)
-    }
-
-    fn calls(&self) -> u64 {
-        self.backend.calls()
     }
 }
 
@@ -222,10 +194,7 @@ fn run_one(args: &ReclaimArgs, kind: WorkloadKind, policy: PolicyKind) -> Result
     } else {
         cfg.target(DriverConfig::pct(pages, args.target_pct))
     };
-    let mut env = Env {
-        backend: HypBackend::new()?,
-        versions: vec![0; pages as usize],
-    };
+    let mut env = Env::new(pages)?;
     let mut driver = Driver::new(policy.build(pages), &workload, cfg);
     let (refaults0, mismatches0) = (pageable::refaults(), pageable::mismatches());
     let total = workload.trace().count() as u64;
@@ -261,7 +230,7 @@ fn run_one(args: &ReclaimArgs, kind: WorkloadKind, policy: PolicyKind) -> Result
         workload.hot_pages(),
         held_sum / samples.max(1),
         Pct(u64::from(pages) - u64::from(report.held_avg).min(u64::from(pages)), u64::from(pages)),
-        Pct(env.backend.ticks(), elapsed),
+        Pct(env.ticks, elapsed),
     );
     Ok(())
 }

@@ -18,7 +18,7 @@ use aarch64_paging::idmap::IdMap;
 use aarch64_paging::paging::{El2, MemoryRegion};
 use buddy_system_allocator::LockedHeap;
 use core::sync::atomic::{AtomicU64, Ordering};
-use hyp_core::addr::{PhysFrame, PhysRange, PAGE_SIZE};
+use hyp_core::addr::{PhysAddr, PhysFrame, PhysRange, PAGE_SIZE};
 use hyp_core::frames::{free_ranges, FrameAllocator, FrameError};
 use spin::{Mutex, Once};
 
@@ -82,6 +82,18 @@ pub fn alloc_zeroed_frame() -> Result<PhysFrame, FrameError> {
 /// Returns one frame from [`alloc_zeroed_frame`].
 pub fn free_frame(frame: PhysFrame) {
     frames().lock().free(frame, 1);
+}
+
+/// Returns the frames of `[pa, pa + size)` (whole frames from
+/// [`alloc_zeroed_frame`]): the release callback of a stage-2 TLB batch.
+pub fn free_frames(pa: PhysAddr, size: u64) {
+    let mut at = pa;
+    while at.as_u64() < pa.as_u64() + size {
+        if let Some(frame) = PhysFrame::from_start(at) {
+            free_frame(frame);
+        }
+        at = at.add(PAGE_SIZE);
+    }
 }
 
 /// (free, used) frame counts.

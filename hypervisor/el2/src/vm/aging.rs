@@ -12,7 +12,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use hyp_abi::layout;
-use hyp_core::addr::{Ipa, PhysAddr, PhysFrame, PAGE_SIZE};
+use hyp_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
 use log::{info, warn};
 use stage2::MigrateOutcome;
 
@@ -104,11 +104,7 @@ fn harvest_pass(vm: &Vm) {
 /// Moves up to `count` random backed guest pages to fresh frames.
 fn migrate_pass(vm: &Vm, count: u32, rng: &mut XorShift) {
     let pages = vm.ram_size / PAGE_SIZE;
-    let mut release = |pa: PhysAddr, _size: u64| {
-        if let Some(frame) = PhysFrame::from_start(pa) {
-            memory::free_frame(frame);
-        }
-    };
+    let mut release = memory::free_frames;
     let mut batch = vm.stage2.batch(&mut release);
     let mut moved = 0;
     for _ in 0..count * TRIES_PER_MOVE {

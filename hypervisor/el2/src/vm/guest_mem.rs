@@ -13,6 +13,8 @@
 //! so it is only ever copied with raw-pointer copies into and out of the
 //! hypervisor's own buffers, never borrowed as a Rust reference.
 
+use core::ops::Range;
+
 use hyp_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
 use stage2::PinError;
 
@@ -81,16 +83,30 @@ pub(super) fn with_backed_frame<R>(
     r.ok_or(AccessError::NoMemory)
 }
 
+/// The pieces of `[ipa, ipa + len)` that lie in one page each: the page,
+/// the offset in it, and the piece's range in a buffer of `len` bytes.
+fn page_pieces(ipa: u64, len: usize) -> impl Iterator<Item = (Ipa, u64, Range<usize>)> {
+    let mut done = 0;
+    core::iter::from_fn(move || {
+        if done == len {
+            return None;
+        }
+        let at = ipa + done as u64;
+        let offset = at % PAGE_SIZE;
+        let n = ((PAGE_SIZE - offset) as usize).min(len - done);
+        let piece = (Ipa(at - offset), offset, done..done + n);
+        done += n;
+        Some(piece)
+    })
+}
+
 /// Copies `dst.len()` bytes of guest memory from `ipa` (any alignment; the
 /// range lies inside guest RAM, checked by the caller).
 pub(super) fn read(vm: &Vm, ipa: u64, dst: &mut [u8]) -> Result<(), AccessError> {
-    let mut done = 0;
-    while done < dst.len() {
-        let at = ipa + done as u64;
-        let offset = at % PAGE_SIZE;
-        let n = ((PAGE_SIZE - offset) as usize).min(dst.len() - done);
-        let out = &mut dst[done..done + n];
-        let copied = with_frame(vm, Ipa(at - offset), Unbacked::ReadZeros, |pa| {
+    for (page, offset, range) in page_pieces(ipa, dst.len()) {
+        let n = range.len();
+        let out = &mut dst[range];
+        let copied = with_frame(vm, page, Unbacked::ReadZeros, |pa| {
             // SAFETY: the frame is pinned (it cannot be freed or moved
             // while `f` runs) and identity mapped; `offset + n` stays
             // inside it; `out` is our own buffer.
@@ -105,7 +121,6 @@ pub(super) fn read(vm: &Vm, ipa: u64, dst: &mut [u8]) -> Result<(), AccessError>
         if copied.is_none() {
             out.fill(0);
         }
-        done += n;
     }
     Ok(())
 }
@@ -113,19 +128,15 @@ pub(super) fn read(vm: &Vm, ipa: u64, dst: &mut [u8]) -> Result<(), AccessError>
 /// Copies `src` into guest memory at `ipa` (any alignment; the range lies
 /// inside guest RAM, checked by the caller), backing untouched pages.
 pub(super) fn write(vm: &Vm, ipa: u64, src: &[u8]) -> Result<(), AccessError> {
-    let mut done = 0;
-    while done < src.len() {
-        let at = ipa + done as u64;
-        let offset = at % PAGE_SIZE;
-        let n = ((PAGE_SIZE - offset) as usize).min(src.len() - done);
-        let from = &src[done..done + n];
-        with_frame(vm, Ipa(at - offset), Unbacked::Back, |pa| {
+    for (page, offset, range) in page_pieces(ipa, src.len()) {
+        let n = range.len();
+        let from = &src[range];
+        with_frame(vm, page, Unbacked::Back, |pa| {
             // SAFETY: as in `read`, with the copy going the other way.
             unsafe {
                 core::ptr::copy_nonoverlapping(from.as_ptr(), (pa.as_u64() + offset) as *mut u8, n)
             };
         })?;
-        done += n;
     }
     Ok(())
 }

@@ -271,13 +271,7 @@ fn release(vm: &Vm, ipa: u64, npages: u64) -> Result<Answer, CallError> {
     let mut freed = 0u64;
     let mut free = |pa: PhysAddr, size: u64| {
         freed += size / PAGE_SIZE;
-        let mut at = pa;
-        while at.as_u64() < pa.as_u64() + size {
-            if let Some(frame) = PhysFrame::from_start(at) {
-                memory::free_frame(frame);
-            }
-            at = at.add(PAGE_SIZE);
-        }
+        memory::free_frames(pa, size);
     };
     let mut batch = vm.stage2.batch(&mut free);
     loop {
