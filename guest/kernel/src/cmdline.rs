@@ -4,14 +4,15 @@
 //!
 //! | key     | values                 | default | meaning                                   |
 //! |---------|------------------------|---------|-------------------------------------------|
-//! | `mode`  | `demo`, `test`         | `demo`  | what the kernel does after boot           |
+//! | `mode`  | `demo`, `test`, `reclaim`, `hostile`, `fuzz` | `demo`  | what the kernel does after boot |
 //! | `touch` | a size (`64M`, `4096`) | `0`     | demo: bytes of fresh RAM to touch         |
 //! | `fault` | `outside`              | none    | demo: access an IPA outside RAM/devices   |
 //! | `log`   | `info`, `debug`, `trace` | `info` | log verbosity                           |
 //! | `stress_ms` | milliseconds, `1..=3600000` | `300` | test: how long the `stress` test runs |
 //! | `pages` | `64..=262144` | `4096` | reclaim: pages in the pageable arena |
 //! | `accesses` | `1..` | `200000` | reclaim: accesses per workload run (the populating pass included) |
-//! | `seed` | a number | `1` | reclaim: seed of the workload traces |
+//! | `seed` | a number | `1` | reclaim, fuzz: seed of the workload traces and of the fuzzer |
+//! | `fuzz_calls` | `1..=1000000000` | `20000` | hostile, fuzz: hypercalls the fuzzer issues (all vCPUs together) |
 //! | `target_pct` | `1..=100` | `40` | reclaim: memory target, % of the arena resident |
 //! | `workloads` | comma list of `idle,hotcold,phase,scan` | all | reclaim: workloads to run |
 //! | `policies` | comma list of `mglru,fifo,clock-perpage` | all | reclaim: policies to run each workload with |
@@ -38,6 +39,11 @@ pub enum Mode {
     Test,
     /// Run the reclaim workloads under each policy and print the summary.
     Reclaim,
+    /// Run the hostile-guest suite, then the hypercall fuzzer, and exit
+    /// with the verdict (the hypervisor checks its invariants at the exit).
+    Hostile,
+    /// Run only the hypercall fuzzer (`fuzz_calls=` calls) and exit.
+    Fuzz,
 }
 
 /// The arguments of `mode=reclaim`.
@@ -100,6 +106,9 @@ pub const DEFAULT_STRESS_MS: u64 = 300;
 /// hang for days.
 pub const MAX_STRESS_MS: u64 = 3_600_000;
 
+/// Default of `fuzz_calls=`: the quick mode CI runs.
+pub const DEFAULT_FUZZ_CALLS: u64 = 20_000;
+
 /// The parsed command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cmdline {
@@ -115,6 +124,8 @@ pub struct Cmdline {
     pub stress_ms: u64,
     /// `mode=reclaim` arguments.
     pub reclaim: ReclaimArgs,
+    /// `fuzz_calls=`: hypercalls the fuzzer issues, all vCPUs together.
+    pub fuzz_calls: u64,
     /// Words whose key is not known, in order of appearance.
     pub unknown: Vec<String>,
 }
@@ -128,6 +139,7 @@ impl Default for Cmdline {
             verbosity: Verbosity::default(),
             stress_ms: DEFAULT_STRESS_MS,
             reclaim: ReclaimArgs::default(),
+            fuzz_calls: DEFAULT_FUZZ_CALLS,
             unknown: Vec::new(),
         }
     }
@@ -165,7 +177,10 @@ pub enum CmdlineError {
 impl fmt::Display for CmdlineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Mode(v) => write!(f, "mode={v}: expected `demo`, `test` or `reclaim`"),
+            Self::Mode(v) => write!(
+                f,
+                "mode={v}: expected `demo`, `test`, `reclaim`, `hostile` or `fuzz`"
+            ),
             Self::Number {
                 key,
                 value,
@@ -201,6 +216,8 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
                     "demo" => Mode::Demo,
                     "test" => Mode::Test,
                     "reclaim" => Mode::Reclaim,
+                    "hostile" => Mode::Hostile,
+                    "fuzz" => Mode::Fuzz,
                     _ => return Err(CmdlineError::Mode(value.to_string())),
                 }
             }
@@ -247,6 +264,15 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
                 cmdline.reclaim.target_pct =
                     number("target_pct", value, 1, 100, "a percentage, 1 to 100")? as u32
             }
+            "fuzz_calls" => {
+                cmdline.fuzz_calls = number(
+                    "fuzz_calls",
+                    value,
+                    1,
+                    1_000_000_000,
+                    "a number of calls, 1 to 1000000000",
+                )?
+            }
             "workloads" => cmdline.reclaim.workloads = list(value),
             "policies" => cmdline.reclaim.policies = list(value),
             _ => cmdline.unknown.push(key.to_string()),
@@ -291,6 +317,18 @@ use hyp_core::bootargs::parse_u64;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hostile_and_fuzz_modes() {
+        assert_eq!(parse("mode=hostile").unwrap().mode, Mode::Hostile);
+        let c = parse("mode=fuzz fuzz_calls=1000000 seed=7").unwrap();
+        assert_eq!(
+            (c.mode, c.fuzz_calls, c.reclaim.seed),
+            (Mode::Fuzz, 1_000_000, 7)
+        );
+        assert_eq!(parse("").unwrap().fuzz_calls, DEFAULT_FUZZ_CALLS);
+        assert!(parse("fuzz_calls=0").is_err());
+    }
 
     #[test]
     fn empty_line_gives_defaults() {

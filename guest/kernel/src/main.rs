@@ -32,7 +32,11 @@ mod exceptions;
 #[cfg(target_os = "none")]
 mod frames;
 #[cfg(target_os = "none")]
+mod fuzz;
+#[cfg(target_os = "none")]
 mod heap;
+#[cfg(target_os = "none")]
+mod hostile;
 #[cfg(target_os = "none")]
 mod mmio;
 #[cfg(target_os = "none")]
@@ -73,7 +77,7 @@ mod kernel {
     use crate::platform::{self, Platform};
     use crate::power::{self, ExitCode};
     use crate::smp::{self, BringUp};
-    use crate::{console, demo, frames, heap, mmu, pageable, reclaim_run, selftest};
+    use crate::{console, demo, frames, fuzz, heap, hostile, mmu, pageable, reclaim_run, selftest};
 
     /// What the boot found out, handed to the demo and the tests.
     #[derive(Debug)]
@@ -263,6 +267,8 @@ mod kernel {
             Mode::Demo => demo::run(&system),
             Mode::Test => selftest::run(&system),
             Mode::Reclaim => reclaim_run::run(&system),
+            Mode::Hostile => hostile::run(&system),
+            Mode::Fuzz => fuzz::run(&system),
         }
     }
 

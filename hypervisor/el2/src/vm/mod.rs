@@ -14,6 +14,7 @@
 //! Exits are handled in [`exits`]; PSCI and the vendor service in [`smccc`].
 
 mod aging;
+mod debug;
 mod exits;
 mod guest_dtb;
 mod guest_mem;
@@ -391,6 +392,7 @@ impl Vm {
 
     /// Prints the statistics line scripts and tests read.
     fn print_stats(&self) {
+        debug::at_stop(self);
         for (i, v) in self.vcpus.iter().enumerate() {
             let mut c = v.console.lock();
             if !c.is_empty() {
@@ -539,6 +541,7 @@ fn run_vcpu(vm: &'static Vm, index: usize, entry: u64, arg: u64) {
         // is an EL1h state (setup_this_cpu ran on this CPU).
         let kind = unsafe { enter_guest(&mut ctx) };
         RCU.online();
+        debug::record_exit(index, &ctx, kind);
         match exits::handle(vm, index, &mut ctx, kind) {
             exits::Next::Resume => {}
             exits::Next::Stop(VcpuEnd::Off) => {
