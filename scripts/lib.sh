@@ -65,6 +65,18 @@ build_all() {
     "$(objcopy_bin)" -O binary "$GUEST_ELF" "$GUEST_BIN"
 }
 
+# The hypervisor built with cargo features FEATURES (comma list, e.g.
+# tlb-check or broken-skip-flush), in a target tree of its own.
+hyp_variant_elf() { # features
+    echo "${CARGO_TARGET_DIR:-$ROOT/target}/hyp-${1//,/-}/$TARGET/release/hypervisor"
+}
+build_hyp_variant() { # features
+    cd "$ROOT"
+    log "building the hypervisor with features $1"
+    CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/hyp-${1//,/-}" \
+        cargo build --release --target "$TARGET" -p hypervisor --features "$1" >&2
+}
+
 # Prints the QEMU command for: cpu smp mem append guest(yes|no) [extra...]
 qemu_cmd() {
     local cpu="$1" smp="$2" mem="$3" append="$4" guest="$5"

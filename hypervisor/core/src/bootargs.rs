@@ -15,6 +15,8 @@
 //! | `aging_cpu=N` | physical CPU that runs the background aging worker instead of a vCPU (range-checked against the CPU count at boot) | none (no worker) |
 //! | `store=SIZE` | most host memory the compressed page store may use (`K`/`M`/`G`, a multiple of 4K; 0 = no store) | `64M` |
 //! | `migrate=N` | migration stress: guest pages the aging worker moves to new frames per pass, `0..=4096` (0 = off) | `0` |
+//! | `invariants=off\|final\|exit` | when the hypervisor checks its memory invariants (stage 2 against the frame allocator): never, when the VM stops, or also at every guest exit (slow: debug runs) | `final` |
+//! | `overcommit=on\|off` | allow guest RAM larger than the free host memory: frames are only backed on demand, and the VM is stopped with an out-of-memory report when none is left | `off` |
 //! | `guest.KEY=VALUE` | passed to the guest's own `/chosen/bootargs` as `KEY=VALUE` | |
 
 use crate::addr::{PhysAddr, PhysRange};
@@ -43,6 +45,17 @@ pub enum AfPolicy {
     Software,
 }
 
+/// When the invariant checker runs (`invariants=`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum InvariantChecks {
+    /// Never.
+    Off,
+    /// When the VM stops (EXIT, SYSTEM_OFF), after a final TLB flush.
+    Final,
+    /// Also after every guest exit (expensive: for debug runs).
+    EveryExit,
+}
+
 /// The typed hypervisor configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootConfig {
@@ -68,6 +81,10 @@ pub struct BootConfig {
     /// Bytes of host memory the compressed page store may use (whole
     /// frames; 0 disables the store).
     pub store_size: u64,
+    /// When the memory invariants are checked.
+    pub invariants: InvariantChecks,
+    /// Whether guest RAM may exceed the free host memory.
+    pub overcommit: bool,
     /// The guest's command line, assembled from `guest.KEY=VALUE` options.
     pub guest_bootargs: String,
 }
@@ -84,6 +101,8 @@ impl Default for BootConfig {
             aging_cpu: None,
             migrate: 0,
             store_size: 64 << 20,
+            invariants: InvariantChecks::Final,
+            overcommit: false,
             guest_bootargs: String::new(),
         }
     }
@@ -230,6 +249,21 @@ impl BootConfig {
                     .filter(|&s| s % 4096 == 0)
                     .map(|s| cfg.store_size = s)
                     .ok_or_else(|| bad("a multiple of 4K (0 = no store)")),
+                "invariants" => match value {
+                    "off" => Some(InvariantChecks::Off),
+                    "final" => Some(InvariantChecks::Final),
+                    "exit" => Some(InvariantChecks::EveryExit),
+                    _ => None,
+                }
+                .map(|c| cfg.invariants = c)
+                .ok_or_else(|| bad("off|final|exit")),
+                "overcommit" => match value {
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    _ => None,
+                }
+                .map(|o| cfg.overcommit = o)
+                .ok_or_else(|| bad("on|off")),
                 _ => match key.strip_prefix("guest.") {
                     Some(k) if !k.is_empty() => {
                         guest_args.push(&token["guest.".len()..]);
@@ -280,6 +314,12 @@ mod tests {
         assert_eq!(cfg.migrate, 64);
         assert_eq!(cfg.store_size, 64 << 20, "the default");
         assert_eq!(cfg.guest_bootargs, "mode=test touch=64M");
+        assert_eq!(cfg.invariants, InvariantChecks::Final, "the default");
+        assert!(!cfg.overcommit, "the default");
+        let (cfg, errs) = BootConfig::parse("invariants=exit overcommit=on invariants=sometimes");
+        assert_eq!(cfg.invariants, InvariantChecks::EveryExit);
+        assert!(cfg.overcommit);
+        assert_eq!(errs.len(), 1, "invariants=sometimes is not a mode");
         let (cfg, errs) = BootConfig::parse("store=2M store=5");
         assert_eq!(cfg.store_size, 2 << 20);
         assert_eq!(errs.len(), 1, "store=5 is not a multiple of 4K");

@@ -43,8 +43,168 @@ pub fn init_heap() {
     }
 }
 
-/// The frame allocator (all CPUs; the lock protects the buddy state).
-static FRAMES: Once<Mutex<FrameAllocator>> = Once::new();
+/// Who holds a frame of RAM. Every frame the allocator manages carries one
+/// owner tag, changed only under the allocator's lock, so that the
+/// invariant checker (`vm::invariants`) can tell, for any output address
+/// stage 2 reaches, whose frame it is.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Owner {
+    /// In the allocator.
+    Free = 0,
+    /// Backs guest RAM (mapped by a stage-2 leaf, or pending its unmap's
+    /// TLB flush).
+    Guest = 1,
+    /// A stage-2 table page (linked, or waiting for its grace period).
+    Table = 2,
+    /// Part of the compressed page store.
+    Store = 3,
+    /// Used by the hypervisor itself.
+    Hyp = 4,
+    /// Not managed by the allocator: the hypervisor image (with its heap),
+    /// the DTB, loader modules, holes.
+    Reserved = 5,
+}
+
+impl Owner {
+    const ALL: [Self; 6] = [
+        Self::Free,
+        Self::Guest,
+        Self::Table,
+        Self::Store,
+        Self::Hyp,
+        Self::Reserved,
+    ];
+
+    fn from_u8(v: u8) -> Self {
+        Self::ALL
+            .get(usize::from(v))
+            .copied()
+            .unwrap_or(Self::Reserved)
+    }
+
+    /// Frames an allocation for this owner must leave free: the store
+    /// never takes the last 4 MiB and a guest page never the last 256 KiB,
+    /// so that stage-2 tables (which may use everything) can still be
+    /// allocated to report and recover.
+    const fn reserve(self) -> u64 {
+        match self {
+            Self::Store => 1024,
+            Self::Guest | Self::Hyp => 64,
+            _ => 0,
+        }
+    }
+}
+
+/// Frame counts by owner, kept current under the allocator's lock (and
+/// read lock-free by `hyp-frames` in GDB, hence `#[no_mangle]`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct FrameCounters {
+    /// Frames the allocator manages.
+    pub total: AtomicU64,
+    /// Free frames.
+    pub free: AtomicU64,
+    /// Guest frames.
+    pub guest: AtomicU64,
+    /// Stage-2 table pages.
+    pub table: AtomicU64,
+    /// Store frames.
+    pub store: AtomicU64,
+    /// Hypervisor frames.
+    pub hyp: AtomicU64,
+}
+
+impl FrameCounters {
+    fn counter(&self, owner: Owner) -> Option<&AtomicU64> {
+        match owner {
+            Owner::Free => Some(&self.free),
+            Owner::Guest => Some(&self.guest),
+            Owner::Table => Some(&self.table),
+            Owner::Store => Some(&self.store),
+            Owner::Hyp => Some(&self.hyp),
+            Owner::Reserved => None,
+        }
+    }
+
+    /// The count of `owner` (0 for [`Owner::Reserved`], which is not counted).
+    pub fn get(&self, owner: Owner) -> u64 {
+        self.counter(owner).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// The frame counts by owner.
+#[no_mangle]
+pub static HYP_FRAMES: FrameCounters = FrameCounters {
+    total: AtomicU64::new(0),
+    free: AtomicU64::new(0),
+    guest: AtomicU64::new(0),
+    table: AtomicU64::new(0),
+    store: AtomicU64::new(0),
+    hyp: AtomicU64::new(0),
+};
+
+/// A frame handed to or taken from an owner that does not hold it: a
+/// double free, a free by the wrong owner, or an allocator that handed
+/// out a frame it did not have. Recorded (the first one in detail) for
+/// the invariant checker; never a panic.
+#[derive(Copy, Clone, Debug)]
+pub struct OwnerMismatch {
+    /// The frame.
+    pub frame: PhysAddr,
+    /// The owner the caller expected.
+    pub expected: Owner,
+    /// The owner the tag said.
+    pub found: Owner,
+}
+
+/// The frame allocator and the owner tag of every frame from the lowest
+/// to the highest RAM address (all CPUs; the lock protects both).
+struct Frames {
+    alloc: FrameAllocator,
+    base: u64,
+    tags: alloc::vec::Vec<u8>,
+    mismatches: u64,
+    first_mismatch: Option<OwnerMismatch>,
+}
+
+impl Frames {
+    fn tag_index(&self, pa: PhysAddr) -> Option<usize> {
+        let i = usize::try_from(pa.as_u64().checked_sub(self.base)? / PAGE_SIZE).ok()?;
+        (i < self.tags.len()).then_some(i)
+    }
+
+    /// Moves `frame` from `from` to `to`, recording a mismatch if its tag
+    /// was not `from` (the tag and counters then follow the actual tag).
+    fn retag(&mut self, frame: PhysAddr, from: Owner, to: Owner) {
+        let Some(i) = self.tag_index(frame) else {
+            self.mismatch(frame, from, Owner::Reserved);
+            return;
+        };
+        let found = Owner::from_u8(self.tags[i]);
+        if found != from {
+            self.mismatch(frame, from, found);
+        }
+        self.tags[i] = to as u8;
+        if let Some(c) = HYP_FRAMES.counter(found) {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(c) = HYP_FRAMES.counter(to) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn mismatch(&mut self, frame: PhysAddr, expected: Owner, found: Owner) {
+        self.mismatches += 1;
+        self.first_mismatch.get_or_insert(OwnerMismatch {
+            frame,
+            expected,
+            found,
+        });
+    }
+}
+
+static FRAMES: Once<Mutex<Frames>> = Once::new();
 
 /// The image as a physical range.
 pub fn image_range() -> PhysRange {
@@ -53,44 +213,83 @@ pub fn image_range() -> PhysRange {
 }
 
 /// Builds the frame allocator over RAM minus `reserved` (plus the image and
-/// the DTB). Returns the number of free frames.
+/// the DTB), and tags every frame. Returns the number of free frames.
 pub fn init_frames(platform: &Platform, modules: &[PhysRange]) -> u64 {
     let mut reserved = alloc::vec![image_range(), platform.dtb];
     reserved.extend_from_slice(modules);
     let ranges = free_ranges(&platform.ram, &reserved);
     let fa = FrameAllocator::new(&ranges);
     let free = fa.free_count();
-    FRAMES.call_once(|| Mutex::new(fa));
+    let base = platform
+        .ram
+        .iter()
+        .map(|r| r.start.as_u64())
+        .min()
+        .unwrap_or(0);
+    let end = platform
+        .ram
+        .iter()
+        .map(|r| r.end().as_u64())
+        .max()
+        .unwrap_or(0);
+    let mut tags = alloc::vec![Owner::Reserved as u8; ((end - base) / PAGE_SIZE) as usize];
+    for r in &ranges {
+        let first = ((r.start.as_u64() - base) / PAGE_SIZE) as usize;
+        tags[first..first + (r.size / PAGE_SIZE) as usize].fill(Owner::Free as u8);
+    }
+    HYP_FRAMES.total.store(fa.total(), Ordering::Relaxed);
+    HYP_FRAMES.free.store(free, Ordering::Relaxed);
+    FRAMES.call_once(|| {
+        Mutex::new(Frames {
+            alloc: fa,
+            base,
+            tags,
+            mismatches: 0,
+            first_mismatch: None,
+        })
+    });
     free
 }
 
-fn frames() -> &'static Mutex<FrameAllocator> {
+fn frames() -> &'static Mutex<Frames> {
     FRAMES
         .get()
         .expect("frame allocator used before init_frames")
 }
 
-/// One zeroed frame.
-pub fn alloc_zeroed_frame() -> Result<PhysFrame, FrameError> {
-    let frame = frames().lock().alloc()?;
+/// One zeroed frame for `owner`. Fails with `OutOfFrames` when taking it
+/// would leave fewer free frames than `owner` must leave (see
+/// [`Owner::reserve`]).
+pub fn alloc_zeroed_frame(owner: Owner) -> Result<PhysFrame, FrameError> {
+    let frame = {
+        let mut f = frames().lock();
+        if f.alloc.free_count() <= owner.reserve() {
+            return Err(FrameError::OutOfMemory { count: 1 });
+        }
+        let frame = f.alloc.alloc()?;
+        f.retag(frame.start(), Owner::Free, owner);
+        frame
+    };
     // SAFETY: the frame was just allocated, so nothing else uses it, and RAM
     // is identity mapped read-write at EL2.
     unsafe { core::ptr::write_bytes(frame.start().as_u64() as *mut u8, 0, PAGE_SIZE as usize) };
     Ok(frame)
 }
 
-/// Returns one frame from [`alloc_zeroed_frame`].
-pub fn free_frame(frame: PhysFrame) {
-    frames().lock().free(frame, 1);
+/// Returns one frame from [`alloc_zeroed_frame`] that `owner` holds.
+pub fn free_frame(frame: PhysFrame, owner: Owner) {
+    let mut f = frames().lock();
+    f.retag(frame.start(), owner, Owner::Free);
+    f.alloc.free(frame, 1);
 }
 
-/// Returns the frames of `[pa, pa + size)` (whole frames from
+/// Returns the guest frames of `[pa, pa + size)` (whole frames from
 /// [`alloc_zeroed_frame`]): the release callback of a stage-2 TLB batch.
-pub fn free_frames(pa: PhysAddr, size: u64) {
+pub fn free_guest_frames(pa: PhysAddr, size: u64) {
     let mut at = pa;
     while at.as_u64() < pa.as_u64() + size {
         if let Some(frame) = PhysFrame::from_start(at) {
-            free_frame(frame);
+            free_frame(frame, Owner::Guest);
         }
         at = at.add(PAGE_SIZE);
     }
@@ -98,8 +297,62 @@ pub fn free_frames(pa: PhysAddr, size: u64) {
 
 /// (free, used) frame counts.
 pub fn frame_counts() -> (u64, u64) {
-    let fa = frames().lock();
-    (fa.free_count(), fa.used())
+    let f = frames().lock();
+    (f.alloc.free_count(), f.alloc.used())
+}
+
+/// A consistent view of the allocator for the invariant checker.
+#[derive(Clone, Debug)]
+pub struct FrameSnapshot {
+    /// Frames managed.
+    pub total: u64,
+    /// Free frames as the buddy allocator counts them.
+    pub allocator_free: u64,
+    /// Frames by owner as the tags say (indexed by `Owner as usize`).
+    pub tagged: [u64; 6],
+    /// Frames by owner as the counters say (same indexing).
+    pub counted: [u64; 6],
+    /// Owner mismatches seen at allocation or free, and the first one.
+    pub mismatches: u64,
+    /// The first mismatch.
+    pub first_mismatch: Option<OwnerMismatch>,
+}
+
+/// Counts tags and reads the allocator, under its lock.
+pub fn frame_snapshot() -> FrameSnapshot {
+    let f = frames().lock();
+    let mut tagged = [0u64; 6];
+    for &t in &f.tags {
+        tagged[Owner::from_u8(t) as usize] += 1;
+    }
+    let mut counted = [0u64; 6];
+    for o in Owner::ALL {
+        counted[o as usize] = HYP_FRAMES.get(o);
+    }
+    FrameSnapshot {
+        total: f.alloc.total(),
+        allocator_free: f.alloc.free_count(),
+        tagged,
+        counted,
+        mismatches: f.mismatches,
+        first_mismatch: f.first_mismatch,
+    }
+}
+
+/// The owner tag of the frame at `pa` (`Reserved` outside RAM).
+pub fn owner_of(pa: PhysAddr) -> Owner {
+    let f = frames().lock();
+    f.tag_index(pa)
+        .map_or(Owner::Reserved, |i| Owner::from_u8(f.tags[i]))
+}
+
+/// Calls `each(frame, owner)` for every managed frame, under the lock
+/// (the checker's pass over all tags; `each` must not allocate frames).
+pub fn for_each_frame(mut each: impl FnMut(PhysAddr, Owner)) {
+    let f = frames().lock();
+    for (i, &t) in f.tags.iter().enumerate() {
+        each(PhysAddr(f.base + i as u64 * PAGE_SIZE), Owner::from_u8(t));
+    }
 }
 
 // MAIR_EL2 attribute indices.

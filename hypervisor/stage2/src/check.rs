@@ -12,14 +12,14 @@
 //!   started after that flush must have elapsed.
 //!
 //! It also checks that a frame an unmap released to its owner was covered
-//! by a flush after the unmap. The checker uses `std` (a mutex and ordered
-//! maps): it is a host-testing aid, never built for the target.
+//! by a flush after the unmap. The checker needs `alloc` (ordered maps)
+//! and a spin lock, so it runs in the host tests and in the hypervisor's
+//! checking build (`hypervisor` feature `tlb-check`), where a violation is
+//! a hypervisor panic naming the frame.
 
-extern crate std;
-
-use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::vec::Vec;
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use spin::Mutex;
 
 use hyp_core::addr::PhysAddr;
 
@@ -64,8 +64,8 @@ pub(crate) struct Checker {
 }
 
 impl Checker {
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn state(&self) -> spin::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// A complete invalidation of the VMID's TLB entries and walk caches

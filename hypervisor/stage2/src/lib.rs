@@ -24,6 +24,8 @@
 #![no_std]
 #![warn(missing_docs)]
 
+#[cfg(feature = "check")]
+extern crate alloc;
 #[cfg(test)]
 extern crate std;
 

@@ -68,10 +68,14 @@ pub(super) fn run(vm: &'static Vm, config: AgingConfig) -> ! {
     RCU.online();
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15 ^ config.cpu as u64);
     loop {
+        // A pass is hypervisor work on the VM: the invariant checker's
+        // stop-the-world waits for it (see `gate`).
+        vm.gate.enter(config.cpu);
         harvest_pass(vm);
         if config.migrate > 0 {
             migrate_pass(vm, config.migrate, &mut rng);
         }
+        vm.gate.leave(config.cpu);
         vm.aging.passes.fetch_add(1, Ordering::Relaxed);
         let deadline = crate::time::deadline_ms(PASS_PAUSE_MS);
         while !crate::time::passed(deadline) {
@@ -104,7 +108,7 @@ fn harvest_pass(vm: &Vm) {
 /// Moves up to `count` random backed guest pages to fresh frames.
 fn migrate_pass(vm: &Vm, count: u32, rng: &mut XorShift) {
     let pages = vm.ram_size / PAGE_SIZE;
-    let mut release = memory::free_frames;
+    let mut release = memory::free_guest_frames;
     let mut batch = vm.stage2.batch(&mut release);
     let mut moved = 0;
     for _ in 0..count * TRIES_PER_MOVE {
@@ -115,7 +119,7 @@ fn migrate_pass(vm: &Vm, count: u32, rng: &mut XorShift) {
         if vm.stage2.translate(ipa).is_none() {
             continue;
         }
-        let Ok(frame) = memory::alloc_zeroed_frame() else {
+        let Ok(frame) = memory::alloc_zeroed_frame(memory::Owner::Guest) else {
             break;
         };
         let copy = |old: PhysAddr, new: PhysAddr| {
@@ -129,9 +133,9 @@ fn migrate_pass(vm: &Vm, count: u32, rng: &mut XorShift) {
                 vm.aging.migrated.fetch_add(1, Ordering::Relaxed);
                 moved += 1;
             }
-            Ok(MigrateOutcome::NotMoved) => memory::free_frame(frame),
+            Ok(MigrateOutcome::NotMoved) => memory::free_frame(frame, memory::Owner::Guest),
             Err(e) => {
-                memory::free_frame(frame);
+                memory::free_frame(frame, memory::Owner::Guest);
                 warn!("vm0: aging worker: migrate {ipa}: {e}");
             }
         }

@@ -1,12 +1,20 @@
 //! Guest exits: what a trap from EL1 means and what the hypervisor does.
 //!
 //! Every exit gets an architectural answer: an SMCCC return value, an
-//! emulated MMIO access, a mapped page, or an abort injected into the
-//! guest. Only an exit that cannot be answered (an SError, an exception
-//! class the VM never enables) stops the VM — with a report, never a panic.
+//! emulated MMIO access, a mapped page, an abort injected into the guest,
+//! or (for a trapped instruction the hypervisor does not emulate) an
+//! undefined-instruction exception injected into the guest. Only what
+//! cannot be answered stops the VM, with a report and its own exit status,
+//! never a panic: an asynchronous exit the VM never enables (SError, IRQ),
+//! no host memory left to back a guest page ([`EXIT_VM_OOM`]), or a vCPU
+//! that keeps faulting at the same place without progress
+//! ([`EXIT_VM_ABORT_LOOP`]).
 
 use super::mmio::{ConsoleLine, FaultStatus, DABT_ISS};
-use super::{smccc, spsr_el1h_masked, VcpuEnd, Vm, EXIT_VM_ERROR};
+use super::{
+    guest_noise, smccc, spsr_el1h_masked, BackingError, VcpuEnd, Vm, EXIT_VM_ABORT_LOOP,
+    EXIT_VM_ERROR, EXIT_VM_OOM,
+};
 use crate::exceptions::{ExitKind, GuestContext, Syndrome};
 use aarch64_cpu::registers::{
     Readable, Writeable, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2, HPFAR_EL2, SCTLR_EL1,
@@ -41,14 +49,23 @@ pub(super) fn handle(vm: &Vm, index: usize, ctx: &mut GuestContext, kind: ExitKi
     }
     let esr_raw = ESR_EL2.get();
     let esr: LocalRegisterCopy<u64, ESR_EL2::Register> = LocalRegisterCopy::new(esr_raw);
-    match esr.read_as_enum(ESR_EL2::EC) {
+    let ec = esr.read_as_enum(ESR_EL2::EC);
+    if !matches!(
+        ec,
+        Some(ESR_EL2::EC::Value::DataAbortLowerEL | ESR_EL2::EC::Value::InstrAbortLowerEL)
+    ) {
+        vm.vcpus[index].abort_streak.reset();
+    }
+    match ec {
         Some(ESR_EL2::EC::Value::HVC64) => smccc::handle_hvc(vm, index, ctx),
         Some(ESR_EL2::EC::Value::SMC64) => {
             // A trapped SMC: ELR points at the instruction itself.
-            warn!(
-                "vm0/vcpu{index}: SMC {:#x} at {:#x}: answered NOT_SUPPORTED",
-                ctx.x[0] as u32, ctx.elr
-            );
+            if guest_noise() {
+                warn!(
+                    "vm0/vcpu{index}: SMC {:#x} at {:#x}: answered NOT_SUPPORTED",
+                    ctx.x[0] as u32, ctx.elr
+                );
+            }
             ctx.x[0] = hyp_abi::error::NOT_SUPPORTED as u64;
             ctx.skip_instruction();
             Next::Resume
@@ -63,20 +80,51 @@ pub(super) fn handle(vm: &Vm, index: usize, ctx: &mut GuestContext, kind: ExitKi
         Some(ESR_EL2::EC::Value::InstrAbortLowerEL) => {
             guest_abort(vm, index, ctx, esr.read(ESR_EL2::ISS), true)
         }
-        _ => stop_vm(
-            vm,
-            index,
-            ctx,
-            format_args!("unexpected exit: {}", Syndrome(esr_raw)),
-        ),
+        _ => {
+            // A trapped instruction or register access the hypervisor does
+            // not emulate: architecturally UNDEFINED for the guest.
+            vm.stats.injected_undefs.fetch_add(1, Ordering::Relaxed);
+            if guest_noise() {
+                warn!(
+                    "vm0/vcpu{index}: trapped {} at pc={:#x}: injecting an undefined-instruction exception",
+                    Syndrome(esr_raw),
+                    ctx.elr
+                );
+            }
+            inject_undefined(ctx);
+            Next::Resume
+        }
     }
 }
 
 /// Reports an exit the VM cannot continue from and ends the machine.
 fn stop_vm(vm: &Vm, index: usize, ctx: &GuestContext, why: core::fmt::Arguments<'_>) -> ! {
-    vm.print_stats();
+    stop_vm_with(vm, index, ctx, EXIT_VM_ERROR, why)
+}
+
+/// Injected aborts in a row at the same pc and fault address, with no
+/// other exit of the vCPU in between, after which the vCPU counts as stuck
+/// in an abort loop. A guest whose handler fixes or skips the access never
+/// comes near it; one whose vectors themselves fault reaches it in
+/// milliseconds.
+pub(super) const ABORT_LOOP_LIMIT: u64 = 10_000;
+
+/// [`stop_vm`] with exit status `code`. The statistics and the invariant
+/// check come first, so the report shows the hypervisor's state.
+fn stop_vm_with(
+    vm: &Vm,
+    index: usize,
+    ctx: &GuestContext,
+    code: u8,
+    why: core::fmt::Arguments<'_>,
+) -> ! {
+    let violations = vm.stop_checks(index);
     crate::power::fatal(
-        EXIT_VM_ERROR,
+        if violations > 0 {
+            super::EXIT_INVARIANT_VIOLATION
+        } else {
+            code
+        },
         format_args!(
             "hyp: vm0/vcpu{index}: {why} at pc={:#x} spsr={:#x} far={:#x}: stopping the VM",
             ctx.elr,
@@ -99,10 +147,12 @@ fn guest_abort(vm: &Vm, index: usize, ctx: &mut GuestContext, iss: u64, instr: b
     let page = ipa.align_down(PAGE_SIZE);
     match status {
         FaultStatus::Translation(_) if vm.in_ram(ipa) => {
+            vm.vcpus[index].abort_streak.reset();
             demand_map(vm, index, ctx, page);
             Next::Resume
         }
         FaultStatus::AccessFlag(_) if vm.in_ram(ipa) => {
+            vm.vcpus[index].abort_streak.reset();
             vm.stats.af_faults.fetch_add(1, Ordering::Relaxed);
             if !vm.stage2.set_access_flag(page) {
                 // Unmapped between the fault and now: the retry faults again.
@@ -111,6 +161,7 @@ fn guest_abort(vm: &Vm, index: usize, ctx: &mut GuestContext, iss: u64, instr: b
             Next::Resume
         }
         FaultStatus::Translation(_) if !instr && is_uart(ipa) => {
+            vm.vcpus[index].abort_streak.reset();
             emulate_uart(vm, index, ctx, iss, ipa);
             Next::Resume
         }
@@ -120,12 +171,27 @@ fn guest_abort(vm: &Vm, index: usize, ctx: &mut GuestContext, iss: u64, instr: b
             } else {
                 "data access"
             };
-            warn!(
-                "vm0/vcpu{index}: {what} at IPA {ipa} ({status:?}) pc={:#x} is outside RAM and devices: injecting a synchronous external abort",
-                ctx.elr
-            );
+            if guest_noise() {
+                warn!(
+                    "vm0/vcpu{index}: {what} at IPA {ipa} ({status:?}) pc={:#x} is outside RAM and devices: injecting a synchronous external abort",
+                    ctx.elr
+                );
+            }
             vm.stats.injected_aborts.fetch_add(1, Ordering::Relaxed);
-            inject_external_abort(ctx, instr, FAR_EL2.get());
+            let far = FAR_EL2.get();
+            let streak = vm.vcpus[index].abort_streak.note(ctx.elr, far);
+            if streak >= ABORT_LOOP_LIMIT {
+                stop_vm_with(
+                    vm,
+                    index,
+                    ctx,
+                    EXIT_VM_ABORT_LOOP,
+                    format_args!(
+                        "abort loop: {streak} synchronous external aborts in a row at the same pc and address ({what} at IPA {ipa}) with no other exit: the guest cannot handle them"
+                    ),
+                );
+            }
+            inject_external_abort(ctx, instr, far);
             Next::Resume
         }
     }
@@ -145,6 +211,25 @@ fn demand_map(vm: &Vm, index: usize, ctx: &GuestContext, page: Ipa) {
         Ok(false) => {
             vm.stats.fault_races.fetch_add(1, Ordering::Relaxed);
         }
+        Err(BackingError::OutOfMemory) => {
+            let f = &crate::memory::HYP_FRAMES;
+            stop_vm_with(
+                vm,
+                index,
+                ctx,
+                EXIT_VM_OOM,
+                format_args!(
+                    "out of memory: no host frame left to back guest page {page} (guest RAM {} MiB{}; host frames: total={} free={} guest={} tables={} store={}); the guest's resident set does not fit",
+                    vm.ram_size >> 20,
+                    if vm.overcommit { ", overcommitted" } else { "" },
+                    f.total.load(Ordering::Relaxed),
+                    f.free.load(Ordering::Relaxed),
+                    f.guest.load(Ordering::Relaxed),
+                    f.table.load(Ordering::Relaxed),
+                    f.store.load(Ordering::Relaxed),
+                ),
+            )
+        }
         Err(e) => stop_vm(
             vm,
             index,
@@ -162,7 +247,9 @@ fn emulate_uart(
     ipa: Ipa,
 ) {
     if !iss.is_set(DABT_ISS::ISV) {
-        warn!("vm0/vcpu{index}: UART access at {ipa} without a valid syndrome (pc={:#x}): injecting an abort", ctx.elr);
+        if guest_noise() {
+            warn!("vm0/vcpu{index}: UART access at {ipa} without a valid syndrome (pc={:#x}): injecting an abort", ctx.elr);
+        }
         vm.stats.injected_aborts.fetch_add(1, Ordering::Relaxed);
         inject_external_abort(ctx, false, FAR_EL2.get());
         return;
@@ -188,22 +275,41 @@ const FSC_SYNC_EXTERNAL_ABORT: u64 = 0b01_0000;
 /// Delivers a synchronous external abort to the guest's EL1 vectors, as
 /// the hardware would for an access nothing answers.
 fn inject_external_abort(ctx: &mut GuestContext, instr: bool, far: u64) {
-    let spsr: LocalRegisterCopy<u64, SPSR_EL2::Register> = LocalRegisterCopy::new(ctx.spsr);
-    let (same_el, offset) = match spsr.read_as_enum(SPSR_EL2::M) {
-        Some(SPSR_EL2::M::Value::EL0t) => (false, VECTOR_LOWER_A64),
-        Some(SPSR_EL2::M::Value::EL1t) => (true, VECTOR_CURRENT_SP0),
-        _ => (true, VECTOR_CURRENT_SPX),
-    };
+    let same_el = exception_target(ctx).0;
     let ec = match (instr, same_el) {
         (false, true) => ESR_EL1::EC::Value::DataAbortCurrentEL,
         (false, false) => ESR_EL1::EC::Value::DataAbortLowerEL,
         (true, true) => ESR_EL1::EC::Value::InstrAbortCurrentEL,
         (true, false) => ESR_EL1::EC::Value::InstrAbortLowerEL,
     };
-    ESR_EL1.write(
-        ESR_EL1::EC.val(ec as u64) + ESR_EL1::IL::SET + ESR_EL1::ISS.val(FSC_SYNC_EXTERNAL_ABORT),
-    );
     FAR_EL1.set(far);
+    inject_sync(ctx, ec as u64, FSC_SYNC_EXTERNAL_ABORT);
+}
+
+/// Delivers an undefined-instruction exception (EC 0, "unknown reason")
+/// for the instruction at the guest's PC, as for an instruction that is
+/// UNDEFINED at EL1.
+fn inject_undefined(ctx: &mut GuestContext) {
+    inject_sync(ctx, ESR_EL1::EC::Value::Unknown as u64, 0);
+}
+
+/// Whether an exception taken now is from the current EL (EL1) and the
+/// vector offset it uses.
+fn exception_target(ctx: &GuestContext) -> (bool, u64) {
+    let spsr: LocalRegisterCopy<u64, SPSR_EL2::Register> = LocalRegisterCopy::new(ctx.spsr);
+    match spsr.read_as_enum(SPSR_EL2::M) {
+        Some(SPSR_EL2::M::Value::EL0t) => (false, VECTOR_LOWER_A64),
+        Some(SPSR_EL2::M::Value::EL1t) => (true, VECTOR_CURRENT_SP0),
+        _ => (true, VECTOR_CURRENT_SPX),
+    }
+}
+
+/// Takes a synchronous exception with class `ec` and syndrome `iss` to the
+/// guest's EL1 vectors at the guest's PC (ELR_EL2 points at the faulting
+/// or trapped instruction).
+fn inject_sync(ctx: &mut GuestContext, ec: u64, iss: u64) {
+    let offset = exception_target(ctx).1;
+    ESR_EL1.write(ESR_EL1::EC.val(ec) + ESR_EL1::IL::SET + ESR_EL1::ISS.val(iss));
     ELR_EL1.set(ctx.elr);
     SPSR_EL1.set(ctx.spsr);
     ctx.elr = VBAR_EL1.get() + offset;

@@ -22,12 +22,14 @@ pub struct FrameTables;
 // frame at once is fine.
 unsafe impl TableAlloc for FrameTables {
     fn alloc_table(&self) -> Option<PhysAddr> {
-        memory::alloc_zeroed_frame().ok().map(PhysFrame::start)
+        memory::alloc_zeroed_frame(memory::Owner::Table)
+            .ok()
+            .map(PhysFrame::start)
     }
 
     unsafe fn free_table(&self, pa: PhysAddr) {
         if let Some(frame) = PhysFrame::from_start(pa) {
-            memory::free_frame(frame);
+            memory::free_frame(frame, memory::Owner::Table);
         }
     }
 

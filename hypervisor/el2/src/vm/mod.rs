@@ -16,9 +16,11 @@
 mod aging;
 mod debug;
 mod exits;
+mod gate;
 mod guest_dtb;
 mod guest_mem;
 mod hw;
+mod invariants;
 mod mmio;
 mod smccc;
 mod vendor;
@@ -33,13 +35,65 @@ use core::fmt;
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use hyp_abi::{layout, AfMode};
 use hyp_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
-use hyp_core::bootargs::{AfPolicy, BootConfig};
+use hyp_core::bootargs::{AfPolicy, BootConfig, InvariantChecks};
 use log::{info, warn};
 use spin::{Mutex, Once};
 use stage2::{MapFlags, MemType, Perms, Rcu, Stage2};
 
 /// QEMU exit status when the VM hit something it cannot continue from.
 pub const EXIT_VM_ERROR: u8 = 103;
+/// QEMU exit status when no host memory is left to back a guest page.
+pub const EXIT_VM_OOM: u8 = 104;
+/// QEMU exit status when a vCPU is stuck in a loop of aborts.
+pub const EXIT_VM_ABORT_LOOP: u8 = 105;
+/// QEMU exit status when the invariant checker found a violation.
+pub const EXIT_INVARIANT_VIOLATION: u8 = 106;
+
+/// Guest-caused warning lines (rejected calls, injected aborts, ...)
+/// printed in full; later ones are only counted in the statistics, so a
+/// guest cannot flood the console (every byte is a trapped UART write).
+const GUEST_NOISE_LINES: u64 = 512;
+static GUEST_NOISE: AtomicU64 = AtomicU64::new(0);
+
+/// Whether one more guest-caused warning may be printed.
+pub(crate) fn guest_noise() -> bool {
+    let n = GUEST_NOISE.fetch_add(1, Ordering::Relaxed);
+    if n == GUEST_NOISE_LINES {
+        warn!("vm0: {GUEST_NOISE_LINES} guest-caused warnings printed: further ones are only counted (rejected_calls=, injected_aborts=, injected_undefs= in the statistics)");
+    }
+    n < GUEST_NOISE_LINES
+}
+
+/// Injected aborts of one vCPU in a row at the same pc and address (see
+/// `exits::ABORT_LOOP_LIMIT`). Only the vCPU's own CPU touches it.
+#[derive(Debug, Default)]
+struct AbortStreak {
+    pc: AtomicU64,
+    far: AtomicU64,
+    count: AtomicU64,
+}
+
+impl AbortStreak {
+    /// Notes an injected abort at `pc`/`far`; returns the streak length.
+    fn note(&self, pc: u64, far: u64) -> u64 {
+        let same = self.pc.load(Ordering::Relaxed) == pc
+            && self.far.load(Ordering::Relaxed) == far
+            && self.count.load(Ordering::Relaxed) > 0;
+        if same {
+            self.count.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.pc.store(pc, Ordering::Relaxed);
+            self.far.store(far, Ordering::Relaxed);
+            self.count.store(1, Ordering::Relaxed);
+            1
+        }
+    }
+
+    /// Any other exit: the vCPU made progress.
+    fn reset(&self) {
+        self.count.store(0, Ordering::Relaxed);
+    }
+}
 
 /// The VM's VMID.
 const VMID: u16 = 1;
@@ -103,6 +157,8 @@ struct Vcpu {
     context_id: AtomicU64,
     /// Console line being assembled.
     console: Mutex<mmio::ConsoleLine>,
+    /// Abort-loop detection.
+    abort_streak: AbortStreak,
 }
 
 /// Counters of the VM (Relaxed: statistics only).
@@ -111,9 +167,29 @@ struct VmStats {
     stage2_faults: AtomicU64,
     af_faults: AtomicU64,
     injected_aborts: AtomicU64,
+    /// Trapped instructions answered with an undefined-instruction exception.
+    injected_undefs: AtomicU64,
     /// Stage-2 faults that found the page mapped (another vCPU won the
     /// race) or locked by a writer: the guest retried.
     fault_races: AtomicU64,
+}
+
+/// Why a guest page could not be backed.
+#[derive(Copy, Clone, Debug)]
+pub(crate) enum BackingError {
+    /// No frame for the page (or for a stage-2 table) is left.
+    OutOfMemory,
+    /// Stage 2 refused the install.
+    Stage2(stage2::MapError),
+}
+
+impl fmt::Display for BackingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OutOfMemory => write!(f, "out of host memory"),
+            Self::Stage2(e) => write!(f, "stage 2: {e}"),
+        }
+    }
 }
 
 /// The guest.
@@ -129,6 +205,12 @@ pub struct Vm {
     /// The compressed page store (`None` with `store=0`).
     store: Option<Mutex<vendor::Store>>,
     vendor: vendor::VendorStats,
+    /// Guest RAM may exceed the free host memory (`overcommit=on`).
+    overcommit: bool,
+    /// When the invariant checker runs.
+    invariants: InvariantChecks,
+    /// Stop-the-world for the invariant checker.
+    gate: gate::Gate,
 }
 
 impl fmt::Debug for Vm {
@@ -166,7 +248,7 @@ impl fmt::Display for VmError {
         match self {
             Self::RamTooSmall { needed, free } => write!(
                 f,
-                "RAM too small for the configuration: guest_mem needs {needed} frames (+ tables), {free} free"
+                "RAM too small for the configuration: guest_mem needs {needed} frames (+ tables), {free} free (overcommit=on allows it)"
             ),
             Self::BadImage(why) => write!(f, "guest image: {why}"),
             Self::Stage2(e) => write!(f, "stage 2: {e}"),
@@ -205,9 +287,16 @@ impl Vm {
         let needed = ram_size / PAGE_SIZE;
         let (free, _) = memory::frame_counts();
         // Leave room for the stage-2 tables of a fully touched guest (~1/500)
-        // and some slack for the hypervisor.
+        // and some slack for the hypervisor, unless overcommitted.
         if needed + needed / 256 + 256 > free {
-            return Err(VmError::RamTooSmall { needed, free });
+            if !config.overcommit {
+                return Err(VmError::RamTooSmall { needed, free });
+            }
+            warn!(
+                "vm0: overcommitted: guest RAM {} MiB, {} MiB of host memory free: the guest must keep its resident set small (out of memory stops the VM)",
+                ram_size >> 20,
+                (free * PAGE_SIZE) >> 20
+            );
         }
 
         let hw_af = match config.af {
@@ -265,6 +354,7 @@ impl Vm {
                 entry: AtomicU64::new(0),
                 context_id: AtomicU64::new(0),
                 console: Mutex::new(mmio::ConsoleLine::default()),
+                abort_streak: AbortStreak::default(),
             })
             .collect::<Vec<_>>();
 
@@ -275,6 +365,13 @@ impl Vm {
             &RCU,
         )
         .map_err(stage2_err)?;
+        #[cfg(feature = "broken-skip-flush")]
+        {
+            warn!("vm0: BROKEN BUILD (feature broken-skip-flush): TLB batches skip the flush before freeing");
+            stage2.skip_flush_for_test();
+        }
+        #[cfg(feature = "tlb-check")]
+        info!("vm0: TLB checking mode on (feature tlb-check)");
         let regs = hw::Stage2Regs {
             ipa_bits: features.ipa_bits(),
             parange: features.parange,
@@ -297,6 +394,9 @@ impl Vm {
                 ))
             }),
             vendor: vendor::VendorStats::default(),
+            overcommit: config.overcommit,
+            invariants: config.invariants,
+            gate: gate::Gate::new(online),
         };
         // TLB maintenance while filling stage 2 must target our VMID.
         hw::setup_this_cpu(&vm.regs, vm.vcpus[0].mpidr);
@@ -332,7 +432,7 @@ impl Vm {
     fn load(&self, ipa: Ipa, src: *const u8, len: u64) -> Result<(), VmError> {
         let mut off = 0;
         while off < len {
-            let frame = memory::alloc_zeroed_frame().map_err(stage2_err)?;
+            let frame = memory::alloc_zeroed_frame(memory::Owner::Guest).map_err(stage2_err)?;
             let n = (len - off).min(PAGE_SIZE);
             // SAFETY: `src + off .. + n` is inside the source (the loader
             // module or the DTB vector), the frame is fresh, ours and
@@ -364,23 +464,27 @@ impl Vm {
     /// Backs guest page `page` with a zeroed frame unless it is backed or
     /// locked already (the lockless fault path, racing other vCPUs with
     /// compare-exchanges). Returns whether this call installed it.
-    fn install_zeroed(&self, page: Ipa) -> Result<bool, alloc::string::String> {
+    fn install_zeroed(&self, page: Ipa) -> Result<bool, BackingError> {
         if self.stage2.leaf_view(page) != Some(stage2::DescView::Invalid) {
             return Ok(false);
         }
-        let frame = memory::alloc_zeroed_frame().map_err(|e| alloc::format!("{e}"))?;
+        let frame = memory::alloc_zeroed_frame(memory::Owner::Guest)
+            .map_err(|_| BackingError::OutOfMemory)?;
         match self
             .stage2
             .fault_install(page, frame.start(), Perms::RWX, MemType::Normal, false)
         {
             Ok(stage2::FaultOutcome::Installed) => Ok(true),
             Ok(stage2::FaultOutcome::AlreadyMapped | stage2::FaultOutcome::Retry) => {
-                memory::free_frame(frame);
+                memory::free_frame(frame, memory::Owner::Guest);
                 Ok(false)
             }
             Err(e) => {
-                memory::free_frame(frame);
-                Err(alloc::format!("{e}"))
+                memory::free_frame(frame, memory::Owner::Guest);
+                Err(match e {
+                    stage2::MapError::NoMemory => BackingError::OutOfMemory,
+                    e => BackingError::Stage2(e),
+                })
             }
         }
     }
@@ -388,6 +492,58 @@ impl Vm {
     /// Whether `ipa` is guest RAM.
     fn in_ram(&self, ipa: Ipa) -> bool {
         ipa.as_u64() >= layout::RAM_BASE && ipa.as_u64() - layout::RAM_BASE < self.ram_size
+    }
+
+    /// Stops the world, prints the statistics and runs the final
+    /// invariant check (unless `invariants=off`). Returns the number of
+    /// violations. Called by vCPU `index` when the VM ends.
+    fn stop_checks(&self, index: usize) -> u64 {
+        let closed = self.gate.close(index);
+        self.print_stats();
+        match closed {
+            Err(e) => {
+                crate::println!(
+                    "hyp: invariants (final): not checked: cpu{} did not leave the hypervisor in time",
+                    e.cpu
+                );
+                0
+            }
+            Ok(()) if self.invariants == InvariantChecks::Off => 0,
+            Ok(()) => invariants::check(self, "final"),
+        }
+    }
+
+    /// Ends the VM and the machine with the guest's exit `code` (EXIT,
+    /// SYSTEM_OFF), or [`EXIT_INVARIANT_VIOLATION`] if the final check
+    /// failed.
+    fn finish(&self, index: usize, code: u8) -> ! {
+        let violations = self.stop_checks(index);
+        if violations > 0 {
+            power::fatal(
+                EXIT_INVARIANT_VIOLATION,
+                format_args!("hyp: vm0: {violations} invariant violations: failing the run"),
+            )
+        }
+        power::exit_qemu(code)
+    }
+
+    /// `invariants=exit`: a full check after vCPU `index`'s exit; a
+    /// violation stops the machine at once.
+    fn check_after_exit(&self, index: usize) {
+        if self.gate.close(index).is_err() {
+            return;
+        }
+        let violations = invariants::check(self, "exit");
+        self.gate.open();
+        if violations > 0 {
+            self.print_stats();
+            power::fatal(
+                EXIT_INVARIANT_VIOLATION,
+                format_args!(
+                    "hyp: vm0/vcpu{index}: {violations} invariant violations after an exit: failing the run"
+                ),
+            )
+        }
     }
 
     /// Prints the statistics line scripts and tests read.
@@ -411,7 +567,7 @@ impl Vm {
             );
         }
         crate::println!(
-            "hyp: vm0 stats mapped_frames={} mapped_mib={} ram_mib={} stage2_faults={} fault_races={} af_faults={} injected_aborts={} af={:?}",
+            "hyp: vm0 stats mapped_frames={} mapped_mib={} ram_mib={} stage2_faults={} fault_races={} af_faults={} injected_aborts={} injected_undefs={} af={:?}",
             frames,
             (frames * PAGE_SIZE) >> 20,
             self.ram_size >> 20,
@@ -419,6 +575,7 @@ impl Vm {
             self.stats.fault_races.load(Ordering::Relaxed),
             self.stats.af_faults.load(Ordering::Relaxed),
             self.stats.injected_aborts.load(Ordering::Relaxed),
+            self.stats.injected_undefs.load(Ordering::Relaxed),
             self.regs.af,
         );
         let v = &self.vendor;
@@ -541,8 +698,14 @@ fn run_vcpu(vm: &'static Vm, index: usize, entry: u64, arg: u64) {
         // is an EL1h state (setup_this_cpu ran on this CPU).
         let kind = unsafe { enter_guest(&mut ctx) };
         RCU.online();
+        vm.gate.enter(index);
         debug::record_exit(index, &ctx, kind);
-        match exits::handle(vm, index, &mut ctx, kind) {
+        let next = exits::handle(vm, index, &mut ctx, kind);
+        if vm.invariants == InvariantChecks::EveryExit {
+            vm.check_after_exit(index);
+        }
+        vm.gate.leave(index);
+        match next {
             exits::Next::Resume => {}
             exits::Next::Stop(VcpuEnd::Off) => {
                 RCU.offline();

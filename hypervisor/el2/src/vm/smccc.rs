@@ -73,13 +73,11 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
         }
         psci_ids::PSCI_SYSTEM_OFF => {
             info!("vm0/vcpu{index}: PSCI SYSTEM_OFF");
-            vm.print_stats();
-            crate::power::system_off()
+            vm.finish(index, 0)
         }
         psci_ids::PSCI_SYSTEM_RESET => {
             info!("vm0/vcpu{index}: PSCI SYSTEM_RESET: VM reset is not supported, powering off");
-            vm.print_stats();
-            crate::power::system_off()
+            vm.finish(index, 0)
         }
         func::CALL_UID => set(&HYP_UID.map(u64::from)),
         func::REVISION => set(&[u64::from(REVISION.0), u64::from(REVISION.1)]),
@@ -94,19 +92,22 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
         func::EXIT => match u8::try_from(args[0]) {
             Ok(code) => {
                 info!("vm0/vcpu{index}: EXIT({code})");
-                vm.print_stats();
-                crate::power::exit_qemu(code)
+                vm.finish(index, code)
             }
             Err(_) => {
-                warn!(
-                    "vm0/vcpu{index}: EXIT({:#x}): code out of range 0..=255",
-                    args[0]
-                );
+                if super::guest_noise() {
+                    warn!(
+                        "vm0/vcpu{index}: EXIT({:#x}): code out of range 0..=255",
+                        args[0]
+                    );
+                }
                 set(&[error::INVALID_PARAMETER as u64]);
             }
         },
         _ => {
-            warn!("vm0/vcpu{index}: unknown hypercall {fid:#010x}: NOT_SUPPORTED");
+            if super::guest_noise() {
+                warn!("vm0/vcpu{index}: unknown hypercall {fid:#010x}: NOT_SUPPORTED");
+            }
             set(&[error::NOT_SUPPORTED as u64]);
         }
     }
@@ -125,11 +126,15 @@ fn find_vcpu(vm: &Vm, mpidr: u64) -> Option<usize> {
 /// PSCI CPU_ON(target, entry, context_id).
 fn cpu_on(vm: &Vm, index: usize, [target, entry, context_id]: [u64; 3]) -> u64 {
     let Some(t) = find_vcpu(vm, target) else {
-        warn!("vm0/vcpu{index}: CPU_ON for unknown MPIDR {target:#x}");
+        if super::guest_noise() {
+            warn!("vm0/vcpu{index}: CPU_ON for unknown MPIDR {target:#x}");
+        }
         return psci_code(psci_err::INVALID_PARAMETERS);
     };
     if !vm.in_ram(hyp_core::addr::Ipa(entry)) || entry % 4 != 0 {
-        warn!("vm0/vcpu{index}: CPU_ON vcpu{t} with entry {entry:#x} outside RAM or unaligned");
+        if super::guest_noise() {
+            warn!("vm0/vcpu{index}: CPU_ON vcpu{t} with entry {entry:#x} outside RAM or unaligned");
+        }
         return psci_code(psci_err::INVALID_ADDRESS);
     }
     let vcpu = &vm.vcpus[t];

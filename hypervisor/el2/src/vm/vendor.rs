@@ -42,13 +42,13 @@ pub(super) struct StoreFrames;
 // them back.
 unsafe impl hyp_store::FrameSource for StoreFrames {
     fn alloc_frame(&mut self) -> Option<core::ptr::NonNull<u8>> {
-        let frame = memory::alloc_zeroed_frame().ok()?;
+        let frame = memory::alloc_zeroed_frame(memory::Owner::Store).ok()?;
         core::ptr::NonNull::new(frame.start().as_u64() as *mut u8)
     }
 
     unsafe fn free_frame(&mut self, frame: core::ptr::NonNull<u8>) {
         if let Some(f) = PhysFrame::from_start(PhysAddr(frame.as_ptr() as u64)) {
-            memory::free_frame(f);
+            memory::free_frame(f, memory::Owner::Store);
         }
     }
 }
@@ -196,12 +196,14 @@ pub(super) fn handle(vm: &Vm, index: usize, call: Call, args: [u64; 4]) -> Answe
     };
     result.unwrap_or_else(|e| {
         vm.vendor.rejected.fetch_add(1, Ordering::Relaxed);
-        let shown = &args[..call.arity()];
-        warn!(
-            "vm0/vcpu{index}: {}({}) rejected: {e}",
-            call.name(),
-            HexArgs(shown)
-        );
+        if super::guest_noise() {
+            let shown = &args[..call.arity()];
+            warn!(
+                "vm0/vcpu{index}: {}({}) rejected: {e}",
+                call.name(),
+                HexArgs(shown)
+            );
+        }
         [e.code() as u64, 0, 0, 0]
     })
 }
@@ -271,7 +273,7 @@ fn release(vm: &Vm, ipa: u64, npages: u64) -> Result<Answer, CallError> {
     let mut freed = 0u64;
     let mut free = |pa: PhysAddr, size: u64| {
         freed += size / PAGE_SIZE;
-        memory::free_frames(pa, size);
+        memory::free_guest_frames(pa, size);
     };
     let mut batch = vm.stage2.batch(&mut free);
     loop {
