@@ -6,7 +6,7 @@
 //! |---------|------------------------|---------|-------------------------------------------|
 //! | `mode`  | `demo`, `test`, `reclaim`, `hostile`, `fuzz` | `demo`  | what the kernel does after boot |
 //! | `touch` | a size (`64M`, `4096`) | `0`     | demo: bytes of fresh RAM to touch         |
-//! | `fault` | `outside`              | none    | demo: access an IPA outside RAM/devices   |
+//! | `fault` | `outside`, `abortloop` | none    | demo: access an IPA outside RAM/devices; or loop on aborts the guest cannot handle |
 //! | `log`   | `info`, `debug`, `trace` | `info` | log verbosity                           |
 //! | `stress_ms` | milliseconds, `1..=3600000` | `300` | test: how long the `stress` test runs |
 //! | `pages` | `64..=262144` | `4096` | reclaim: pages in the pageable arena |
@@ -85,6 +85,9 @@ impl Default for ReclaimArgs {
 pub enum Fault {
     /// Read an IPA that is neither RAM nor a device.
     Outside,
+    /// Point the vectors outside RAM and fault: an abort loop the guest
+    /// cannot handle (the hypervisor must stop it).
+    AbortLoop,
 }
 
 /// Log verbosity requested with `log=`.
@@ -192,7 +195,7 @@ impl fmt::Display for CmdlineError {
                     "{key}={value}: expected a size such as 4096, 0x1000, 64K, 64M or 1G"
                 )
             }
-            Self::Fault(v) => write!(f, "fault={v}: expected `outside`"),
+            Self::Fault(v) => write!(f, "fault={v}: expected `outside` or `abortloop`"),
             Self::Verbosity(v) => write!(f, "log={v}: expected `info`, `debug` or `trace`"),
             Self::StressMs(v) => write!(
                 f,
@@ -230,6 +233,7 @@ pub fn parse(line: &str) -> Result<Cmdline, CmdlineError> {
             "fault" => {
                 cmdline.fault = match value {
                     "outside" => Some(Fault::Outside),
+                    "abortloop" => Some(Fault::AbortLoop),
                     _ => return Err(CmdlineError::Fault(value.to_string())),
                 }
             }

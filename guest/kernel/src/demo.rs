@@ -51,8 +51,10 @@ pub fn run(system: &System) -> ! {
         report_touch_cost(&runs, touched, first);
     }
 
-    if system.cmdline.fault == Some(Fault::Outside) {
-        fault_outside(system);
+    match system.cmdline.fault {
+        Some(Fault::Outside) => fault_outside(system),
+        Some(Fault::AbortLoop) => abort_loop(),
+        None => {}
     }
     power::system_off()
 }
@@ -132,4 +134,35 @@ fn fault_outside(system: &System) {
             ipa.as_u64()
         ),
     }
+}
+
+/// `fault=abortloop`: a guest that cannot handle its aborts. With the MMU
+/// off (identity, so execution continues) it points its vectors at
+/// [`UNBACKED_PROBE`] and reads there: the hypervisor injects an abort,
+/// whose vector fetch aborts again, forever. The hypervisor must detect
+/// the loop and stop the VM (exit status 105); returning is a failure.
+fn abort_loop() {
+    let ipa = UNBACKED_PROBE.as_u64();
+    log::info!("fault=abortloop: vectors at {ipa:#x}, then a read there");
+    // SAFETY: deliberately breaks this vCPU (the test's purpose): the MMU
+    // goes off (the kernel runs identity mapped, so the next instruction
+    // is the same), the vectors move outside RAM and the read aborts. No
+    // Rust state is relied on afterwards.
+    unsafe {
+        core::arch::asm!(
+            "mrs {t}, sctlr_el1",
+            "bic {t}, {t}, #1",
+            "msr sctlr_el1, {t}",
+            "isb",
+            "msr vbar_el1, {v}",
+            "isb",
+            "msr daifclr, #4",
+            "ldr {t}, [{v}]",
+            t = out(reg) _,
+            v = in(reg) ipa,
+            options(nostack),
+        );
+    }
+    log::error!("fault=abortloop: the abort loop returned");
+    power::exit(power::ExitCode::Fatal)
 }

@@ -41,3 +41,23 @@ pub unsafe fn init() {
 pub fn used() -> usize {
     ALLOCATOR.lock().stats_alloc_actual()
 }
+
+/// Adds `bytes` (rounded up to whole pages) of frames from the frame
+/// allocator to the heap: for bookkeeping that scales with the
+/// configuration (the reclaimer's per-page state over a large arena).
+pub fn grow(bytes: usize) -> Result<(), crate::frames::FrameError> {
+    let pages = bytes.div_ceil(crate::addr::PAGE_SIZE as usize);
+    let run = crate::frames::alloc(pages)?;
+    // The frames now belong to the heap for good (the run is not given
+    // back).
+    let start = run.frame(0).as_u64() as usize;
+    // SAFETY: the run is RAM (identity mapped read-write), was just taken
+    // from the frame allocator and is never given back, so nothing else
+    // uses it.
+    unsafe {
+        ALLOCATOR
+            .lock()
+            .add_to_heap(start, start + pages * crate::addr::PAGE_SIZE as usize)
+    };
+    Ok(())
+}

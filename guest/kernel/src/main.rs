@@ -80,6 +80,11 @@ mod kernel {
     use crate::{console, demo, frames, fuzz, heap, hostile, mmu, pageable, reclaim_run, selftest};
 
     /// What the boot found out, handed to the demo and the tests.
+    /// Arena bytes whose bookkeeping fits the static heap.
+    const ARENA_IN_STATIC_HEAP: u64 = 32 << 20;
+    /// Heap added per arena page beyond that.
+    const HEAP_BYTES_PER_ARENA_PAGE: usize = 96;
+
     #[derive(Debug)]
     pub struct System {
         /// The machine.
@@ -240,6 +245,15 @@ mod kernel {
             }
             log::debug!("free frames {range}");
             frames::add(range);
+        }
+        // The static heap holds the page tables and bookkeeping of a few
+        // thousand arena pages; a large arena (an overcommitted guest)
+        // gets 96 bytes per page more (stage-1 tables and reclaim state).
+        if let Some(a) = arena.filter(|a| a.size() > ARENA_IN_STATIC_HEAP) {
+            let bytes = (a.size() / PAGE_SIZE) as usize * HEAP_BYTES_PER_ARENA_PAGE;
+            if let Err(error) = heap::grow(bytes) {
+                power::fatal(&alloc::format!("cannot grow the heap by {bytes} bytes: {error}"));
+            }
         }
         if let Err(error) = mmu::init(&platform, &image, arena) {
             power::fatal(&error);

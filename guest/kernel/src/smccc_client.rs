@@ -251,3 +251,59 @@ pub fn exit(code: u8) -> CallError {
         Err(error) => error,
     }
 }
+
+/// The instruction a raw call is made with.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Conduit {
+    /// `hvc #0`: the hypervisor's SMCCC conduit.
+    Hvc,
+    /// `smc #0`: trapped by the hypervisor (`HCR_EL2.TSC`).
+    Smc,
+}
+
+/// Makes a call with `x0..x4` exactly as given (the function ID in `x0`
+/// may carry bits 63:32, which no typed wrapper can) and returns
+/// `x0..x3`. `x5..x17` are treated as clobbered (SMCCC 1.0 leaves them
+/// unpredictable).
+///
+/// # Safety
+///
+/// The call must not end or stop the calling CPU, and every guest
+/// memory the hypervisor may write for it (a `MEM_RELEASE` range, an
+/// `AGING_TEST_CLEAR` bitmap, a `STORE_GET` target, ...) must be memory
+/// nothing else in the program relies on, accessed by the caller only
+/// with volatile accesses.
+pub unsafe fn raw_call(conduit: Conduit, regs: [u64; 5]) -> [u64; 4] {
+    let [mut x0, mut x1, mut x2, mut x3, x4] = regs;
+    match conduit {
+        // SAFETY: the caller guarantees the call neither ends this CPU
+        // nor makes the hypervisor write memory the program uses; the
+        // asm touches only the registers named here (no stack).
+        Conduit::Hvc => unsafe {
+            core::arch::asm!(
+                "hvc #0",
+                inout("x0") x0, inout("x1") x1, inout("x2") x2, inout("x3") x3,
+                inout("x4") x4 => _,
+                lateout("x5") _, lateout("x6") _, lateout("x7") _, lateout("x8") _,
+                lateout("x9") _, lateout("x10") _, lateout("x11") _, lateout("x12") _,
+                lateout("x13") _, lateout("x14") _, lateout("x15") _, lateout("x16") _,
+                lateout("x17") _,
+                options(nostack)
+            );
+        },
+        // SAFETY: as for HVC; the hypervisor traps SMC from EL1.
+        Conduit::Smc => unsafe {
+            core::arch::asm!(
+                "smc #0",
+                inout("x0") x0, inout("x1") x1, inout("x2") x2, inout("x3") x3,
+                inout("x4") x4 => _,
+                lateout("x5") _, lateout("x6") _, lateout("x7") _, lateout("x8") _,
+                lateout("x9") _, lateout("x10") _, lateout("x11") _, lateout("x12") _,
+                lateout("x13") _, lateout("x14") _, lateout("x15") _, lateout("x16") _,
+                lateout("x17") _,
+                options(nostack)
+            );
+        },
+    }
+    [x0, x1, x2, x3]
+}
