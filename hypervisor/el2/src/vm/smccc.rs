@@ -9,9 +9,11 @@ use crate::exceptions::GuestContext;
 use core::sync::atomic::Ordering;
 use hyp_abi::{error, feature, func, psci as psci_ids, HYP_UID, REVISION};
 use log::{info, warn};
-use smccc::arch::SMCCC_VERSION;
+use smccc::arch::{SMCCC_ARCH_FEATURES, SMCCC_VERSION};
 use smccc::psci::error as psci_err;
 
+/// Function ID bit 30: the SMC64/HVC64 calling convention.
+const SMC64_BIT: u32 = 1 << 30;
 /// PSCI version 1.1, as PSCI_VERSION returns it.
 const PSCI_VERSION_1_1: u64 = 0x0001_0001;
 /// SMCCC version 1.1.
@@ -46,11 +48,21 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
         ctx.x[..4].copy_from_slice(&answer);
         return Next::Resume;
     }
-    let args = [ctx.x[1], ctx.x[2], ctx.x[3]];
+    // SMC32/HVC32 calls (bit 30 clear) pass 32-bit arguments: the upper
+    // halves of the registers are ignored, as SMCCC requires.
+    let mut args = [ctx.x[1], ctx.x[2], ctx.x[3]];
+    if fid & SMC64_BIT == 0 {
+        args = args.map(|a| a & u64::from(u32::MAX));
+    }
     let mut ret = [ctx.x[0], ctx.x[1], ctx.x[2], ctx.x[3]];
     let mut set = |r: &[u64]| ret[..r.len()].copy_from_slice(r);
     match fid {
         SMCCC_VERSION => set(&[SMCCC_VERSION_1_1]),
+        // Mandatory from SMCCC 1.1: only the two discovery calls exist.
+        SMCCC_ARCH_FEATURES => set(&[match args[0] as u32 {
+            SMCCC_VERSION | SMCCC_ARCH_FEATURES => 0,
+            _ => error::NOT_SUPPORTED as u64,
+        }]),
         psci_ids::PSCI_VERSION => set(&[PSCI_VERSION_1_1]),
         psci_ids::PSCI_FEATURES => {
             let q = args[0] as u32;
