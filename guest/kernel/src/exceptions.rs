@@ -11,7 +11,10 @@
 //! synchronous external abort on a data access (how the hypervisor answers
 //! an access outside RAM and devices), or an Undefined Instruction
 //! exception (`ESR_EL1.EC` = 0, e.g. an unimplemented system register).
-//! It is recorded and the faulting instruction is skipped. Anything else is
+//! It is recorded and the faulting instruction is skipped. The hostile
+//! suite's probes announce exceptions differently, with [`with_probe`]: a
+//! per-CPU window that absorbs any synchronous exception taken at one pc
+//! (the caller asserts on what it was). Anything else is
 //! reported (class, syndrome, `FAR_EL1`, `ELR_EL1`) and ends the machine
 //! with [`ExitCode::UnhandledException`]. Interrupts stay masked: the
 //! kernel uses none.
@@ -20,7 +23,7 @@ use core::fmt;
 use core::mem::{offset_of, size_of};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use aarch64_cpu::registers::{Readable, ESR_EL1, FAR_EL1};
+use aarch64_cpu::registers::{Readable, ESR_EL1, FAR_EL1, SPSR_EL1};
 use tock_registers::{register_bitfields, LocalRegisterCopy};
 
 use crate::addr::PhysAddr;
@@ -482,6 +485,129 @@ fn take_expected(exception: &AbortRecord) -> bool {
     true
 }
 
+/// Where a [`with_probe`] window resumes after the exception it absorbed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ProbeResume {
+    /// At the instruction after the faulting one (`ELR_EL1` + 4): the
+    /// probe's instruction is skipped.
+    Next,
+    /// At the return address in `x30`: the probe branched to the faulting
+    /// address with `blr` (an instruction fetch that aborts is reported
+    /// at the fetched address, so there is no instruction to skip).
+    Return,
+}
+
+/// [`ProbeSlot::resume`] values.
+const RESUME_NEXT: u8 = 0;
+const RESUME_RETURN: u8 = 1;
+
+/// One CPU's probe window ([`with_probe`]). `owner` is claimed with a CAS
+/// (0 = free, else the owner's MPIDR affinity + 1); the other fields are
+/// written by the owner and read by the handler on the same CPU, with
+/// sequentially consistent atomics as in [`ExpectedSlot`].
+struct ProbeSlot {
+    owner: AtomicU64,
+    armed: AtomicBool,
+    pc: AtomicU64,
+    resume: AtomicU8,
+    taken: AtomicBool,
+    esr: AtomicU64,
+    far: AtomicU64,
+    elr: AtomicU64,
+}
+
+/// One probe window per CPU: unlike [`with_expected`], probes on several
+/// CPUs at once do not serialize.
+static PROBE_SLOTS: [ProbeSlot; crate::smp::MAX_CPUS] = [const {
+    ProbeSlot {
+        owner: AtomicU64::new(0),
+        armed: AtomicBool::new(false),
+        pc: AtomicU64::new(0),
+        resume: AtomicU8::new(RESUME_NEXT),
+        taken: AtomicBool::new(false),
+        esr: AtomicU64::new(0),
+        far: AtomicU64::new(0),
+        elr: AtomicU64::new(0),
+    }
+}; crate::smp::MAX_CPUS];
+
+/// Runs `probe` with a window on this CPU: the first synchronous exception
+/// from the current EL whose `ELR_EL1` is `pc`, whatever its class, is
+/// recorded and execution resumes as `resume` says (`PSTATE.IL` cleared,
+/// so an Illegal Execution state exception can be absorbed too). Returns
+/// `probe`'s result and the record, `None` if no such exception happened.
+/// Any other exception is fatal as usual. The caller asserts on the
+/// record: a probe states where it may fault, not how.
+///
+/// Windows do not nest; every CPU can have one open at the same time.
+pub fn with_probe<R>(
+    pc: u64,
+    resume: ProbeResume,
+    probe: impl FnOnce() -> R,
+) -> (R, Option<AbortRecord>) {
+    let me = Mpidr::current().as_u64() + 1;
+    assert!(
+        !PROBE_SLOTS
+            .iter()
+            .any(|slot| slot.owner.load(Ordering::SeqCst) == me),
+        "nested probe windows"
+    );
+    let slot = PROBE_SLOTS
+        .iter()
+        .find(|slot| {
+            slot.owner
+                .compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
+        .expect("a probe slot per CPU");
+    slot.taken.store(false, Ordering::SeqCst);
+    slot.pc.store(pc, Ordering::SeqCst);
+    slot.resume.store(
+        match resume {
+            ProbeResume::Next => RESUME_NEXT,
+            ProbeResume::Return => RESUME_RETURN,
+        },
+        Ordering::SeqCst,
+    );
+    slot.armed.store(true, Ordering::SeqCst);
+    let result = probe();
+    slot.armed.store(false, Ordering::SeqCst);
+    let record = slot.taken.load(Ordering::SeqCst).then(|| AbortRecord {
+        esr: slot.esr.load(Ordering::SeqCst),
+        far: slot.far.load(Ordering::SeqCst),
+        elr: slot.elr.load(Ordering::SeqCst),
+    });
+    slot.owner.store(0, Ordering::SeqCst);
+    (result, record)
+}
+
+/// Consumes this CPU's probe window if `exception` was taken at its pc,
+/// and sets `frame` up to resume as the window says.
+fn take_probe(exception: &AbortRecord, frame: &mut TrapFrame) -> bool {
+    let me = Mpidr::current().as_u64() + 1;
+    let Some(slot) = PROBE_SLOTS.iter().find(|slot| {
+        slot.owner.load(Ordering::SeqCst) == me
+            && slot.armed.load(Ordering::SeqCst)
+            && slot.pc.load(Ordering::SeqCst) == exception.elr
+    }) else {
+        return false;
+    };
+    slot.esr.store(exception.esr, Ordering::SeqCst);
+    slot.far.store(exception.far, Ordering::SeqCst);
+    slot.elr.store(exception.elr, Ordering::SeqCst);
+    slot.taken.store(true, Ordering::SeqCst);
+    slot.armed.store(false, Ordering::SeqCst);
+    frame.elr = match slot.resume.load(Ordering::SeqCst) {
+        RESUME_RETURN => frame.x[30],
+        // A64 instructions are 4 bytes.
+        _ => exception.elr + 4,
+    };
+    let mut spsr = LocalRegisterCopy::<u64, SPSR_EL1::Register>::new(frame.spsr);
+    spsr.modify(SPSR_EL1::IL::CLEAR);
+    frame.spsr = spsr.get();
+    true
+}
+
 /// Set once some CPU is reporting a fatal exception: a second one (or a
 /// fault inside the report) goes straight to power-off.
 static REPORTING: AtomicBool = AtomicBool::new(false);
@@ -504,6 +630,9 @@ extern "C" fn handle_exception(frame: &mut TrapFrame, vector: u64) {
     if origin == Origin::CurrentElSpx && kind == Kind::Synchronous && take_expected(&abort) {
         // A64 instructions are 4 bytes (ESR_EL1.IL is set for them).
         frame.elr += 4;
+        return;
+    }
+    if origin == Origin::CurrentElSpx && kind == Kind::Synchronous && take_probe(&abort, frame) {
         return;
     }
     if REPORTING.swap(true, Ordering::SeqCst) {

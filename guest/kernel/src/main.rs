@@ -252,7 +252,9 @@ mod kernel {
         if let Some(a) = arena.filter(|a| a.size() > ARENA_IN_STATIC_HEAP) {
             let bytes = (a.size() / PAGE_SIZE) as usize * HEAP_BYTES_PER_ARENA_PAGE;
             if let Err(error) = heap::grow(bytes) {
-                power::fatal(&alloc::format!("cannot grow the heap by {bytes} bytes: {error}"));
+                power::fatal(&alloc::format!(
+                    "cannot grow the heap by {bytes} bytes: {error}"
+                ));
             }
         }
         if let Err(error) = mmu::init(&platform, &image, arena) {

@@ -17,13 +17,18 @@
 //! external abort.
 //!
 //! Page tables come from the heap (static BSS) through the global allocator.
+//!
+//! The hostile-guest tests also map arbitrary IPAs (outside RAM, above the
+//! output size) through a private window of upper addresses (`TTBR1_EL1`,
+//! [`ScratchWindow`]) with descriptors they build themselves.
 
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use aarch64_cpu::asm::barrier;
 use aarch64_cpu::registers::{
     ReadWriteable, Readable, Writeable, ID_AA64MMFR0_EL1, MAIR_EL1, PAR_EL1, SCTLR_EL1, TCR_EL1,
-    TTBR0_EL1,
+    TTBR0_EL1, TTBR1_EL1,
 };
 use aarch64_paging::descriptor::El1Attributes;
 use aarch64_paging::idmap::IdMap;
@@ -319,4 +324,240 @@ pub fn translate(va: u64) -> Option<PhysAddr> {
     Some(PhysAddr(
         par.read(PAR_EL1::PA) * PAGE_SIZE + (va % PAGE_SIZE),
     ))
+}
+
+/// First virtual address of the [`ScratchWindow`]: the bottom of the upper
+/// (`TTBR1_EL1`) range with a 39-bit upper VA space.
+pub const SCRATCH_BASE: u64 = 0xffff_ff80_0000_0000;
+/// `TCR_EL1.T1SZ` of the window: a 2^39-byte upper range, walked from
+/// level 1 like the kernel's own map.
+const SCRATCH_T1SZ: u64 = 25;
+/// Pages of the window that [`ScratchWindow::map`] can map (one level-3
+/// table: 2 MiB).
+pub const SCRATCH_PAGES: usize = 512;
+/// Entries of a 4 KiB translation table.
+const TABLE_ENTRIES: usize = 512;
+/// Bytes one level-2 entry of the window covers.
+const LEVEL2_BLOCK: u64 = 2 << 20;
+/// Bytes one level-1 entry of the window covers.
+const LEVEL1_BLOCK: u64 = 1 << 30;
+/// Output-address bits of a 4 KiB-granule descriptor without FEAT_LPA2:
+/// bits 47..12.
+const DESCRIPTOR_OA: u64 = 0x0000_ffff_ffff_f000;
+
+/// What a scratch page maps its IPA as.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ScratchKind {
+    /// Device nGnRE, never executable: one access reaches stage 2 exactly
+    /// as the instruction issued it.
+    Device,
+    /// Normal write-back memory, read-write, never executable.
+    Normal,
+    /// Normal write-back memory, read-only and executable at EL1.
+    Executable,
+}
+
+impl ScratchKind {
+    fn attributes(self) -> El1Attributes {
+        let leaf = El1Attributes::TABLE_OR_PAGE;
+        match self {
+            Self::Device => MMIO.union(leaf),
+            Self::Normal => DATA.union(leaf),
+            Self::Executable => CODE.union(leaf),
+        }
+    }
+}
+
+/// A private stage-1 window for the hostile-guest tests: upper virtual
+/// addresses (`TTBR1_EL1`, unused by the kernel) whose pages map any IPA
+/// the caller names, with raw descriptors the tests control completely —
+/// including table entries that point at IPAs outside RAM, which
+/// `aarch64-paging` (rightly) cannot express.
+///
+/// The tables live in three frames that are never freed: a level-1 root
+/// whose entry 0 points at a level-2 table whose entry 0 points at the
+/// level-3 table of the [`SCRATCH_PAGES`] pages. Every entry is an
+/// `AtomicU64`; each CPU changes only the pages it owns (the caller's
+/// convention), and every change that removes or replaces a valid entry is
+/// followed by a broadcast TLB invalidation, so no CPU keeps using an old
+/// translation once the call returns. Mappings are global (nG = 0).
+#[derive(Debug)]
+pub struct ScratchWindow {
+    root: PhysAddr,
+    level2: PhysAddr,
+    level3: PhysAddr,
+}
+
+impl ScratchWindow {
+    /// Allocates and links the tables (all other entries invalid).
+    pub fn new() -> Result<Self, crate::frames::FrameError> {
+        // Never given back to the allocator: the tables stay in use for
+        // the rest of the run.
+        let run = crate::frames::alloc(3)?;
+        let window = Self {
+            root: run.frame(0),
+            level2: run.frame(1),
+            level3: run.frame(2),
+        };
+        for table in [window.root, window.level2, window.level3] {
+            for i in 0..TABLE_ENTRIES {
+                table_entry(table, i).store(0, Ordering::Relaxed);
+            }
+        }
+        let table = El1Attributes::VALID.union(El1Attributes::TABLE_OR_PAGE);
+        table_entry(window.level2, 0).store(
+            window.level3.as_u64() | table.bits() as u64,
+            Ordering::Relaxed,
+        );
+        table_entry(window.root, 0).store(
+            window.level2.as_u64() | table.bits() as u64,
+            Ordering::Relaxed,
+        );
+        barrier::dsb(barrier::ISHST);
+        Ok(window)
+    }
+
+    /// Turns `TTBR1_EL1` walks on for this CPU, with the window's root.
+    /// Each CPU calls it before it uses the window (secondaries start from
+    /// the boot CPU's published registers, which leave TTBR1 off).
+    pub fn enable_on_this_cpu(&self) {
+        TTBR1_EL1.set_baddr(self.root.as_u64());
+        TCR_EL1.modify(
+            TCR_EL1::T1SZ.val(SCRATCH_T1SZ)
+                + TCR_EL1::TG1::KiB_4
+                + TCR_EL1::SH1::Inner
+                + TCR_EL1::ORGN1::WriteBack_ReadAlloc_WriteAlloc_Cacheable
+                + TCR_EL1::IRGN1::WriteBack_ReadAlloc_WriteAlloc_Cacheable
+                + TCR_EL1::EPD1::EnableTTBR1Walks,
+        );
+        barrier::isb(barrier::SY);
+        invalidate_local_tlb();
+    }
+
+    /// The virtual address of scratch page `page`.
+    pub fn va(&self, page: usize) -> u64 {
+        assert!(page < SCRATCH_PAGES, "scratch page {page}");
+        SCRATCH_BASE + page as u64 * PAGE_SIZE
+    }
+
+    /// Maps scratch page `page` to the page at `ipa` (any page-aligned IPA
+    /// a descriptor can hold, inside RAM or not) as `kind`, replacing what
+    /// it mapped (break-before-make).
+    pub fn map(&self, page: usize, ipa: u64, kind: ScratchKind) {
+        assert!(
+            ipa & !DESCRIPTOR_OA == 0,
+            "IPA {ipa:#x} is not a page a 4 KiB descriptor can hold"
+        );
+        let va = self.va(page);
+        let entry = table_entry(self.level3, page);
+        self.break_entry(entry, va);
+        entry.store(ipa | kind.attributes().bits() as u64, Ordering::Release);
+        barrier::dsb(barrier::ISHST);
+        barrier::isb(barrier::SY);
+    }
+
+    /// Makes scratch page `page` invalid.
+    pub fn unmap(&self, page: usize) {
+        let va = self.va(page);
+        self.break_entry(table_entry(self.level3, page), va);
+    }
+
+    /// Points entry `index` (>= 1) of the window's level-`level` table (1
+    /// or 2) at a "next-level table" at `table_ipa`, or makes it invalid
+    /// with `None`. The IPA is not checked: a walk through the entry reads
+    /// whatever lies there, or faults. Returns the first virtual address
+    /// the entry translates.
+    pub fn set_table_entry(&self, level: usize, index: usize, table_ipa: Option<u64>) -> u64 {
+        assert!(
+            (1..TABLE_ENTRIES).contains(&index),
+            "entry {index}: 0 holds the window"
+        );
+        let (table, va) = match level {
+            1 => (self.root, SCRATCH_BASE + index as u64 * LEVEL1_BLOCK),
+            2 => (self.level2, SCRATCH_BASE + index as u64 * LEVEL2_BLOCK),
+            _ => panic!("the window has no level-{level} table entries to redirect"),
+        };
+        let entry = table_entry(table, index);
+        self.break_entry(entry, va);
+        if let Some(ipa) = table_ipa {
+            assert!(ipa & !DESCRIPTOR_OA == 0, "table IPA {ipa:#x}");
+            let table = El1Attributes::VALID.union(El1Attributes::TABLE_OR_PAGE);
+            entry.store(ipa | table.bits() as u64, Ordering::Release);
+            barrier::dsb(barrier::ISHST);
+            barrier::isb(barrier::SY);
+        }
+        va
+    }
+
+    /// Makes `entry` (translating `va`) invalid and, if it was valid,
+    /// invalidates every CPU's TLB and walk-cache entries for `va`.
+    fn break_entry(&self, entry: &AtomicU64, va: u64) {
+        if entry.swap(0, Ordering::AcqRel) & El1Attributes::VALID.bits() as u64 == 0 {
+            return;
+        }
+        // TLBI operand: VA[55:12].
+        let operand = (va >> 12) & ((1 << 44) - 1);
+        // SAFETY: TLB invalidation by VA for all ASIDs (the window's
+        // entries are global) has no effect on memory; the barriers make
+        // the invalid entry visible first and complete the invalidation
+        // before later accesses.
+        unsafe {
+            core::arch::asm!(
+                "dsb ishst",
+                "tlbi vaae1is, {}",
+                "dsb ish",
+                "isb",
+                in(reg) operand,
+                options(nostack, preserves_flags)
+            );
+        }
+    }
+}
+
+/// Entry `index` of the translation table in the frame at `table`.
+fn table_entry(table: PhysAddr, index: usize) -> &'static AtomicU64 {
+    assert!(index < TABLE_ENTRIES, "table entry {index}");
+    // SAFETY: `table` is one of the scratch window's frames (allocated in
+    // `ScratchWindow::new` and never freed), identity-mapped read-write
+    // normal memory; the entry is 8-byte aligned and inside the frame.
+    // Translation tables are only ever accessed through these atomics.
+    unsafe { &*table.as_ptr::<AtomicU64>().add(index) }
+}
+
+/// Output-address bits this CPU's stage 1 can produce: `TCR_EL1.IPS`,
+/// capped by what the CPU implements (`ID_AA64MMFR0_EL1.PARange`), as the
+/// architecture caps it.
+pub fn output_address_bits() -> u32 {
+    let ips = TCR_EL1.read(TCR_EL1::IPS);
+    let pa_range = ID_AA64MMFR0_EL1.read(ID_AA64MMFR0_EL1::PARange);
+    address_size_bits(ips.min(pa_range))
+}
+
+/// Bits of an `IPS` / `PARange` encoding (they share it).
+fn address_size_bits(encoding: u64) -> u32 {
+    match encoding {
+        0b000 => 32,
+        0b001 => 36,
+        0b010 => 40,
+        0b011 => 42,
+        0b100 => 44,
+        0b101 => 48,
+        _ => 52,
+    }
+}
+
+/// Runs `f` on this CPU with stage-1 output addresses limited to 40 bits
+/// (`TCR_EL1.IPS`), then restores the previous limit. Every address the
+/// kernel uses lies far below 2^40; a descriptor that maps above it makes
+/// an access take a stage-1 Address size fault at EL1.
+pub fn with_40_bit_output<R>(f: impl FnOnce() -> R) -> R {
+    let saved = TCR_EL1.read(TCR_EL1::IPS);
+    TCR_EL1.modify(TCR_EL1::IPS::Bits_40);
+    barrier::isb(barrier::SY);
+    invalidate_local_tlb();
+    let result = f();
+    TCR_EL1.modify(TCR_EL1::IPS.val(saved));
+    barrier::isb(barrier::SY);
+    invalidate_local_tlb();
+    result
 }

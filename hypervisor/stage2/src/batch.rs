@@ -4,6 +4,13 @@
 //! until it is done, a CPU may still translate through a stale TLB or
 //! walk-cache entry. So whatever the batch unmapped stays **pending**:
 //!
+//! - a leaf that an unmap removed stays [`LOCKED`](crate::desc::LOCKED) (invalid, but not
+//!   installable) until the flush has completed, and only then becomes
+//!   plain invalid: otherwise a fault could install a new frame at the IPA
+//!   while other CPUs still translate it to the old one — two live
+//!   translations of one IPA, a break-before-make violation (found by the
+//!   hostile guest suite: a harvester's bitmap written into the new frame
+//!   while its CPU still read the old one);
 //! - a frame that a leaf mapped goes back to its owner (the `release`
 //!   callback) only after the flush has completed;
 //! - a table page that was unlinked goes to the RCU deferred-free queue
@@ -16,7 +23,9 @@
 
 use hyp_core::addr::{Ipa, PhysAddr};
 
-use crate::desc::level_size;
+use core::ptr::NonNull;
+
+use crate::desc::{level_size, Descriptor};
 use crate::mm::{TableAlloc, TlbInvalidate};
 use crate::table::Stage2;
 
@@ -49,6 +58,11 @@ pub struct TlbBatch<'a, 'r, M: TableAlloc, T: TlbInvalidate> {
     whole_vmid: bool,
     frames: [(PhysAddr, u64); FRAME_SLOTS],
     n_frames: usize,
+    /// Leaves this batch broke to [`LOCKED`](crate::desc::LOCKED), made invalid after the flush.
+    /// Valid pointers: a locked entry is not empty, so its table cannot be
+    /// unlinked (and freed) while it is here.
+    locked: [Option<NonNull<Descriptor>>; FRAME_SLOTS],
+    n_locked: usize,
     tables: [PhysAddr; TABLE_SLOTS],
     n_tables: usize,
     stats: BatchStats,
@@ -75,6 +89,8 @@ impl<'a, 'r, M: TableAlloc, T: TlbInvalidate> TlbBatch<'a, 'r, M, T> {
             whole_vmid: false,
             frames: [(PhysAddr(0), 0); FRAME_SLOTS],
             n_frames: 0,
+            locked: [None; FRAME_SLOTS],
+            n_locked: 0,
             tables: [PhysAddr(0); TABLE_SLOTS],
             n_tables: 0,
             stats: BatchStats::default(),
@@ -88,7 +104,40 @@ impl<'a, 'r, M: TableAlloc, T: TlbInvalidate> TlbBatch<'a, 'r, M, T> {
 
     /// Whether the batch holds nothing to invalidate or free.
     pub fn is_empty(&self) -> bool {
-        self.n_ipas == 0 && !self.whole_vmid && self.n_frames == 0 && self.n_tables == 0
+        self.n_ipas == 0
+            && !self.whole_vmid
+            && self.n_frames == 0
+            && self.n_tables == 0
+            && self.n_locked == 0
+    }
+
+    /// Whether `entry` is one this batch locked and will make invalid at
+    /// its flush (so a table holding only such entries counts as empty).
+    pub(crate) fn holds_lock(&self, entry: &Descriptor) -> bool {
+        self.locked[..self.n_locked]
+            .iter()
+            .any(|e| *e == Some(NonNull::from(entry)))
+    }
+
+    /// `entry` was locked by the caller (the parent of a table it
+    /// unlinked): make it invalid after the flush.
+    pub(crate) fn entry_locked(&mut self, entry: &Descriptor) {
+        if self.n_locked == FRAME_SLOTS {
+            self.flush();
+        }
+        self.locked[self.n_locked] = Some(NonNull::from(entry));
+        self.n_locked += 1;
+    }
+
+    /// The leaf `entry` at `ipa`/`level`, which mapped `pa`, was broken to
+    /// [`LOCKED`](crate::desc::LOCKED) by the caller: invalidate it, make it plain invalid after
+    /// the flush, then release the frame(s).
+    pub(crate) fn leaf_locked(&mut self, entry: &Descriptor, ipa: Ipa, level: u8, pa: PhysAddr) {
+        if self.n_frames == FRAME_SLOTS {
+            self.flush();
+        }
+        self.entry_locked(entry);
+        self.leaf_unmapped(ipa, level, pa);
     }
 
     /// The translation of `ipa` (a leaf at `level`) changed in a way that
@@ -140,6 +189,16 @@ impl<'a, 'r, M: TableAlloc, T: TlbInvalidate> TlbBatch<'a, 'r, M, T> {
         self.stats.flushes += 1;
         self.n_ipas = 0;
         self.whole_vmid = false;
+        // The old translations are gone from every TLB: the locked leaves
+        // may now be filled again.
+        for entry in self.locked[..core::mem::take(&mut self.n_locked)]
+            .iter()
+            .flatten()
+        {
+            // SAFETY: a pointer into a live table (see `locked`); only this
+            // batch writes an entry it locked.
+            unsafe { entry.as_ref() }.store(0);
+        }
         // Empty the arrays before handing anything out, so that a release
         // callback that panics cannot make `Drop` hand it out again.
         let (frames, n_frames) = (self.frames, core::mem::take(&mut self.n_frames));

@@ -110,6 +110,9 @@ impl<M: TableAlloc, T: TlbInvalidate> Visitor for UnmapVisitor<'_, '_, '_, '_, M
                 }
                 Ok(())
             }
+            // Unmapped by this very batch earlier (waiting for its flush):
+            // nothing left to do here.
+            (VisitKind::Leaf, DescView::Locked) if self.batch.holds_lock(ctx.entry) => Ok(()),
             (VisitKind::Leaf, DescView::Locked) => Err(MapError::Busy {
                 ipa: ctx.ipa,
                 level: ctx.level,
@@ -117,10 +120,12 @@ impl<M: TableAlloc, T: TlbInvalidate> Visitor for UnmapVisitor<'_, '_, '_, '_, M
             (VisitKind::Leaf, DescView::Block { .. } | DescView::Page { .. }) => {
                 if covers_whole(ctx, self.start, self.end) {
                     let (ipa, level) = (ctx.ipa, ctx.level);
-                    let gone = self.s2.break_entry(ctx.entry, ctx.old, 0, ipa, level)?;
+                    // Locked, not invalid, until the batch's flush: no fault
+                    // may install a new frame while TLBs still hold the old.
+                    let gone = self.s2.lock_entry(ctx.entry, ctx.old, ipa, level)?;
                     // `gone` is the leaf we were given, its AF maybe changed.
                     if let Some((pa, _)) = DescView::decode(gone, level).leaf_parts() {
-                        self.batch.leaf_unmapped(ipa, level, pa);
+                        self.batch.leaf_locked(ctx.entry, ipa, level, pa);
                     }
                     self.s2.account_leaf(level, false);
                     self.stats.pages_unmapped += ctx.size() / PAGE_SIZE;

@@ -747,9 +747,13 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
     /// (holding `old`, at `level`, covering `ipa`): lock the parent entry,
     /// seal every entry of `child` (invalid -> [`LOCKED`]) so that no fault
     /// can install into it any more, unlink it, and leave the page pending
-    /// in `batch` (VMID flush, then a grace period, then free). Returns
-    /// whether the table was removed; if some entry was in use, the seal is
-    /// undone and nothing changes. Writer lock held.
+    /// in `batch` (VMID flush, then a grace period, then free). Entries the
+    /// batch itself locked (leaves it unmapped, waiting for its flush)
+    /// count as empty. The parent entry stays locked until the batch's
+    /// flush, so no fault can link a new table (and map a new frame) under
+    /// it while TLBs may still hold translations through the old one.
+    /// Returns whether the table was removed; if some entry was in use,
+    /// the seal is undone and nothing changes. Writer lock held.
     pub(crate) fn remove_table(
         &self,
         entry: &Descriptor,
@@ -759,26 +763,29 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
         child: PhysAddr,
         batch: &mut TlbBatch<'_, 'r, M, T>,
     ) -> Result<bool, MapError> {
-        if !self.table_is_empty(child) {
+        // SAFETY: `child` is reachable from `entry`, inside a walk under
+        // the writer lock, and only writer-lock holders (us) unlink tables.
+        let entries = unsafe { table_entries(&self.mm, child) };
+        let invalid = DescView::Invalid.encode();
+        let ours = |e: &Descriptor| e.load() == LOCKED && batch.holds_lock(e);
+        if !entries.iter().all(|e| e.load() == invalid || ours(e)) {
             return Ok(false);
         }
         let locked = self.lock_entry(entry, old, ipa, level)?;
-        // SAFETY: `child` is reachable from the entry we just locked, and
-        // only writer-lock holders (us) unlink tables.
-        let entries = unsafe { table_entries(&self.mm, child) };
-        let invalid = DescView::Invalid.encode();
-        if let Some(in_use) = entries
-            .iter()
-            .position(|e| e.compare_exchange(invalid, LOCKED).is_err())
-        {
-            for e in &entries[..in_use] {
-                e.store(invalid);
+        for e in entries {
+            if e.compare_exchange(invalid, LOCKED).is_err() && !ours(e) {
+                // In use after all: undo our seals (ours stay locked).
+                for s in entries.iter().take_while(|s| !core::ptr::eq(*s, e)) {
+                    if !ours(s) {
+                        s.store(invalid);
+                    }
+                }
+                entry.store(locked);
+                return Ok(false);
             }
-            entry.store(locked);
-            return Ok(false);
         }
-        entry.store(invalid);
         batch.table_unlinked(child);
+        batch.entry_locked(entry);
         Ok(true)
     }
 

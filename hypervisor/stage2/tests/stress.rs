@@ -36,6 +36,7 @@ use std::vec::Vec;
 use common::{hw_touch, play_cpu, HostAlloc, RecordingTlb, GIB1, MIB2};
 use hyp_core::addr::{Ipa, PhysAddr, PAGE_SIZE};
 use stage2::desc::{level_size, LEAF_LEVEL};
+use stage2::MapError;
 use stage2::{
     FaultOutcome, HarvestFlags, MapFlags, MemType, MigrateOutcome, Perms, PinError, Rcu, Stage2,
     VisitCtx, Visitor, WalkFlags,
@@ -496,13 +497,33 @@ fn unmapper(c: &Ctx<'_>, rng: &mut Rng) {
         };
         // Half the unmaps leave their emptied tables to the scanner.
         let (ipa, size) = (c.win.ipa(first), pages * PAGE_SIZE);
-        let stats = if rng.chance(50) {
+        let leaves_only = rng.chance(50);
+        if leaves_only {
             c.stats.leaf_unmaps.add(1);
-            c.s2.unmap_leaves_batched(ipa, size, &mut batch)
-        } else {
-            c.s2.unmap_batched(ipa, size, &mut batch)
         }
-        .expect("unmap");
+        let stats = loop {
+            let result = if leaves_only {
+                c.s2.unmap_leaves_batched(ipa, size, &mut batch)
+            } else {
+                c.s2.unmap_batched(ipa, size, &mut batch)
+            };
+            match result {
+                Ok(stats) => break stats,
+                // Locked by a pin, or by another writer's batch that has
+                // not flushed yet: flush ours (so that nobody waits on our
+                // locks) and go again, as the hypervisor's release does.
+                Err(MapError::Busy { .. }) => {
+                    batch.flush();
+                    c.s2.rcu().quiescent();
+                }
+                Err(e) => panic!("unmap: {e:?}"),
+            }
+        };
+        if leaves_only {
+            // Like the hypervisor's release: flush the leaves (they stay
+            // locked until then) so the scanner finds their tables empty.
+            batch.flush();
+        }
         c.stats.unmaps.add(1);
         c.stats.unmapped_pages.add(stats.pages_unmapped);
         c.stats.tables_removed.add(stats.tables_freed);
@@ -516,6 +537,28 @@ fn unmapper(c: &Ctx<'_>, rng: &mut Rng) {
     }
 }
 
+/// Runs a writer operation until it is not `Busy`: an entry of its range
+/// may be pinned, or locked by another thread's batch that has not flushed
+/// yet (unmapped leaves and the parents of unlinked tables stay locked
+/// until the flush). `on_busy` flushes the caller's own batch, if any, so
+/// that nobody waits on its locks.
+fn retry_busy<R>(
+    c: &Ctx<'_>,
+    mut op: impl FnMut() -> Result<R, MapError>,
+    mut on_busy: impl FnMut(),
+) -> Result<R, MapError> {
+    loop {
+        match op() {
+            Err(MapError::Busy { .. }) => {
+                on_busy();
+                c.s2.rcu().quiescent();
+                std::thread::yield_now();
+            }
+            other => return other,
+        }
+    }
+}
+
 fn block_splitter(c: &Ctx<'_>, rng: &mut Rng) {
     let mut release = |pa, size| c.pool.release(pa, size);
     let rcu = c.s2.rcu();
@@ -526,8 +569,13 @@ fn block_splitter(c: &Ctx<'_>, rng: &mut Rng) {
         // Empty the slot (nobody else maps into it), then map a block.
         drop({
             let mut batch = c.s2.batch(&mut release);
-            c.s2.unmap_batched(ipa, MIB2, &mut batch)
-                .expect("unmap slot");
+            let batch_ref = core::cell::RefCell::new(&mut batch);
+            retry_busy(
+                c,
+                || c.s2.unmap_batched(ipa, MIB2, &mut batch_ref.borrow_mut()),
+                || batch_ref.borrow_mut().flush(),
+            )
+            .expect("unmap slot");
             batch
         });
         let chunk = c.pool.take_chunk();
@@ -535,8 +583,14 @@ fn block_splitter(c: &Ctx<'_>, rng: &mut Rng) {
             af: rng.chance(50),
             allow_blocks: true,
         };
-        c.s2.map(ipa, chunk, MIB2, Perms::RW, MemType::Normal, flags)
-            .expect("map block");
+        retry_busy(
+            c,
+            || {
+                c.s2.map(ipa, chunk, MIB2, Perms::RW, MemType::Normal, flags)
+            },
+            || {},
+        )
+        .expect("map block");
         c.stats.blocks.add(1);
         rcu.quiescent();
         // Split it (or not) while the others run over it.
@@ -549,17 +603,22 @@ fn block_splitter(c: &Ctx<'_>, rng: &mut Rng) {
             0 => {
                 let mut batch = c.s2.batch(&mut release);
                 let n = n.min(16) * PAGE_SIZE;
-                c.s2.unmap_batched(part, n, &mut batch)
-                    .expect("partial unmap");
+                let batch_ref = core::cell::RefCell::new(&mut batch);
+                retry_busy(
+                    c,
+                    || c.s2.unmap_batched(part, n, &mut batch_ref.borrow_mut()),
+                    || batch_ref.borrow_mut().flush(),
+                )
+                .expect("partial unmap");
                 c.stats.splits.add(1);
             }
             1 => {
                 let perms = [Perms::READ, Perms::RWX][rng.below(2) as usize];
-                c.s2.protect(part, n * PAGE_SIZE, perms)
+                retry_busy(c, || c.s2.protect(part, n * PAGE_SIZE, perms), || {})
                     .expect("partial protect");
                 c.stats.splits.add(u64::from(n < PAGES_PER_BLOCK));
             }
-            2 => c.s2.protect(ipa, MIB2, Perms::READ).expect("protect"),
+            2 => retry_busy(c, || c.s2.protect(ipa, MIB2, Perms::READ), || {}).expect("protect"),
             _ => {}
         }
         if rng.chance(5) {

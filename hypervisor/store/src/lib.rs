@@ -8,27 +8,30 @@
 //!
 //! # Memory
 //!
-//! Compressed blobs live in an arena, a `buddy_system_allocator::Heap`
-//! whose largest block is one frame. The arena grows one whole frame at a
-//! time from the [`FrameSource`], up to `limit_frames`; a put that would need
-//! more is refused with [`StoreError::Full`] and changes nothing. Because no
-//! block is larger than a frame and every frame is added on its own, every
-//! free block of frame size in the arena *is* a wholly free frame: after each
-//! free the store takes such blocks back out of the arena and returns them to
-//! the source, so an empty store holds no frames. `frames_used` in
+//! Compressed blobs live in host frames cut into [`MIN_BLOCK`]-byte units
+//! (the `slab` module): a blob takes a run of contiguous units in one frame,
+//! so a 557-byte blob takes 576 bytes and seven of them share a frame, and
+//! blobs of different sizes share frames too. Alloc and free take bounded
+//! time, independent of the number of entries (a bitmap and a length per
+//! frame, frames listed by their longest free run). The store grows one
+//! whole frame at a time from the [`FrameSource`], up to `limit_frames`; a
+//! put that would need more is refused with [`StoreError::Full`] and changes
+//! nothing. A frame goes back to the source as soon as its last blob is
+//! freed, so an empty store holds no frames and `frames_used` in
 //! [`StoreStats`] is exactly the number of frames held.
 //!
-//! Blocks are powers of two, at least [`MIN_BLOCK`] bytes: a 700-byte blob
-//! takes 1 KiB. A blob that would take a whole frame anyway (compressed size
-//! above [`RAW_THRESHOLD`]) is stored raw, which saves the decompression. The
-//! arena never moves blobs, so a long mix of sizes can leave frames partly
-//! used ([`StoreStats::allocated_bytes`] against `frames_used` shows it).
+//! A blob that would take more than half a frame (compressed size above
+//! [`RAW_THRESHOLD`]) is stored raw, in a frame of its own, which saves the
+//! decompression. Blobs never move, so a long mix of sizes can leave frames
+//! partly used ([`StoreStats::allocated_bytes`] against `frames_used` shows
+//! it).
 //!
-//! The index (`BTreeMap<u64, Entry>`, 24 bytes of payload per entry plus
-//! B-tree node overhead) and the store's compression scratch live in the
-//! hypervisor's global heap, not in the arena. The index is bounded all the
-//! same: every entry holds an arena block of at least [`MIN_BLOCK`] bytes, so
-//! there are at most `limit_frames * PAGE_BYTES / MIN_BLOCK` entries.
+//! The index (`BTreeMap<u64, Entry>`, 16 bytes of payload per entry plus
+//! B-tree node overhead), one 32-byte record per frame held at the peak,
+//! and the store's compression scratch live in the hypervisor's global
+//! heap, not in the frames. The index is bounded all the same: every entry
+//! holds at least [`MIN_BLOCK`] bytes of a frame, so there are at most
+//! `limit_frames * PAGE_BYTES / MIN_BLOCK` entries.
 //!
 //! # Concurrency
 //!
@@ -47,39 +50,24 @@
 extern crate alloc;
 
 use alloc::boxed::Box;
-use alloc::collections::{BTreeMap, BTreeSet};
-use core::alloc::Layout;
+use alloc::collections::BTreeMap;
 use core::fmt;
 use core::ptr::NonNull;
 
 /// Size of a page, of a frame, and of everything the store hands back.
 pub const PAGE_BYTES: usize = 4096;
 
-/// A page whose LZ4 form is longer than this is stored raw. An arena block
-/// is a power of two, so anything longer would take a whole frame anyway:
-/// storing it raw costs the same memory and saves decompressing it.
+/// A page whose LZ4 form is longer than this is stored raw: it would not
+/// save even half a frame, and raw saves decompressing it.
 pub const RAW_THRESHOLD: usize = PAGE_BYTES / 2;
 
-/// The smallest arena block. LZ4 cannot encode 4 KiB in fewer than 17 bytes,
-/// so this costs nothing in practice; it is enforced so that the bound on
-/// entries (and therefore on the index) does not rest on LZ4's internals.
-pub const MIN_BLOCK: usize = 32;
+/// The allocation unit: every blob takes a whole number of these, at least
+/// one. It also bounds the number of entries (and therefore the index) per
+/// frame, without resting on LZ4's internals.
+pub const MIN_BLOCK: usize = slab::UNIT;
 
 /// Bytes of output [`compress_page`] needs: LZ4's worst case for a page.
 pub const SCRATCH_LEN: usize = lz4_flex::block::get_maximum_output_size(PAGE_BYTES);
-
-/// Largest block order of the arena: 2^12 = one frame. Frames never merge
-/// into larger blocks, which is what makes a free frame easy to find.
-const ARENA_ORDER: usize = 13;
-const _: () = assert!(1 << (ARENA_ORDER - 1) == PAGE_BYTES);
-
-type Arena = buddy_system_allocator::Heap<ARENA_ORDER>;
-
-/// One frame, as a layout the arena understands.
-const FRAME_LAYOUT: Layout = match Layout::from_size_align(PAGE_BYTES, PAGE_BYTES) {
-    Ok(l) => l,
-    Err(_) => panic!("PAGE_BYTES is a power of two"),
-};
 
 /// Where the store gets its host frames.
 ///
@@ -223,8 +211,8 @@ impl Compressed<'_> {
         self.bytes.is_empty()
     }
 
-    /// Bytes of arena this payload will take once stored: its length rounded
-    /// up to a power of two, at least [`MIN_BLOCK`].
+    /// Bytes of frame this payload will take once stored: [`block_len`] of
+    /// its length.
     pub fn block_bytes(&self) -> usize {
         block_len(self.bytes.len())
     }
@@ -270,15 +258,10 @@ fn decompress_page(blob: &[u8], out: &mut [u8; PAGE_BYTES]) -> Result<(), ()> {
     }
 }
 
-/// Arena bytes a payload of `len` bytes takes.
-fn block_len(len: usize) -> usize {
-    len.max(MIN_BLOCK).next_power_of_two()
-}
-
-/// The layout a payload of `len` bytes is allocated (and freed) with; the
-/// arena rounds it to [`block_len`].
-fn blob_layout(len: usize) -> Layout {
-    Layout::from_size_align(len.max(MIN_BLOCK), 1).expect("payloads are at most a page")
+/// Bytes of frame a payload of `len` bytes (at most `PAGE_BYTES`) takes:
+/// `len` rounded up to a multiple of [`MIN_BLOCK`], at least one.
+pub const fn block_len(len: usize) -> usize {
+    slab::units_for(len) as usize * MIN_BLOCK
 }
 
 /// What [`PageStore::put`] did.
@@ -290,7 +273,7 @@ pub struct PutInfo {
     pub kind: EntryKind,
     /// Bytes of payload stored (as in [`StoreStats::stored_bytes`]).
     pub stored_bytes: usize,
-    /// Bytes of arena the entry takes (as in [`StoreStats::allocated_bytes`]).
+    /// Bytes of frame the entry takes (as in [`StoreStats::allocated_bytes`]).
     pub block_bytes: usize,
 }
 
@@ -303,12 +286,12 @@ pub struct StoreStats {
     pub raw_entries: u64,
     /// Bytes of payload: LZ4 lengths, plus `PAGE_BYTES` per raw entry.
     pub stored_bytes: u64,
-    /// Bytes of arena blocks held by entries (payloads rounded up to powers
-    /// of two); `frames_used * PAGE_BYTES` minus this is free arena space.
+    /// Bytes of frames held by entries (payloads rounded up by
+    /// [`block_len`]); `frames_used * PAGE_BYTES` minus this is free space.
     pub allocated_bytes: u64,
-    /// Host frames the arena holds now.
+    /// Host frames the store holds now.
     pub frames_used: u64,
-    /// Most host frames the arena may hold.
+    /// Most host frames the store may hold.
     pub frames_limit: u64,
     /// Successful puts (replacements included).
     pub puts: u64,
@@ -324,28 +307,52 @@ pub struct StoreStats {
     pub corrupt: u64,
 }
 
-/// One stored page: a block of the arena holding its payload.
+/// One stored page: where its payload is. The slot is kept as its two
+/// fields so that an entry is 8 bytes.
 #[derive(Copy, Clone, Debug)]
 struct Entry {
-    blob: NonNull<u8>,
+    /// `slab::Slot::frame`.
+    frame: u32,
+    /// `slab::Slot::unit`.
+    unit: u8,
+    kind: EntryKind,
     /// Payload bytes (≤ `PAGE_BYTES`, so a `u16` is enough).
     len: u16,
-    kind: EntryKind,
 }
+const _: () = assert!(core::mem::size_of::<Entry>() == 8);
 
 impl Entry {
+    fn new(slot: slab::Slot, len: usize, kind: EntryKind) -> Self {
+        Self {
+            frame: slot.frame,
+            unit: slot.unit,
+            kind,
+            len: u16::try_from(len).expect("payloads are at most a page"),
+        }
+    }
+
+    fn slot(&self) -> slab::Slot {
+        slab::Slot {
+            frame: self.frame,
+            unit: self.unit,
+        }
+    }
+
     fn len(&self) -> usize {
         usize::from(self.len)
+    }
+
+    /// Allocation units the payload takes.
+    fn units(&self) -> u32 {
+        slab::units_for(self.len())
     }
 }
 
 /// The compressed page store. See the [crate documentation](crate).
 pub struct PageStore<F: FrameSource> {
     source: F,
-    /// Blob memory; every byte of it lies in a frame of `frames`.
-    arena: Arena,
-    /// Addresses of the frames the arena holds.
-    frames: BTreeSet<usize>,
+    /// The frames and which of their bytes hold blobs.
+    slab: slab::Slab,
     limit_frames: usize,
     index: BTreeMap<u64, Entry>,
     /// For [`PageStore::put`]; boxed to keep the store small. `None` only
@@ -356,8 +363,8 @@ pub struct PageStore<F: FrameSource> {
 
 // SAFETY: the store owns its frames and blobs exclusively (the `FrameSource`
 // contract) and reaches them only through `&self`/`&mut self`, so moving it
-// to another thread moves that ownership too; the raw pointers in the arena
-// and index are what stops the auto trait.
+// to another thread moves that ownership too; the frame pointers in the
+// slab are what stops the auto trait.
 unsafe impl<F: FrameSource + Send> Send for PageStore<F> {}
 
 impl<F: FrameSource> fmt::Debug for PageStore<F> {
@@ -374,8 +381,7 @@ impl<F: FrameSource> PageStore<F> {
     pub fn new(source: F, limit_frames: usize) -> Self {
         Self {
             source,
-            arena: Arena::new(),
-            frames: BTreeSet::new(),
+            slab: slab::Slab::new(),
             limit_frames,
             index: BTreeMap::new(),
             scratch: Some(Box::new(Scratch::new())),
@@ -410,15 +416,12 @@ impl<F: FrameSource> PageStore<F> {
         page: &Compressed<'_>,
     ) -> Result<PutInfo, StoreError> {
         let len = page.len();
-        let blob = self.alloc_blob(len)?;
-        // SAFETY: `blob` is a fresh arena block of at least `len` bytes in a
-        // frame only this store uses, so it overlaps neither `page.bytes`
-        // nor any other entry.
-        unsafe { core::ptr::copy_nonoverlapping(page.bytes.as_ptr(), blob.as_ptr(), len) };
-        let entry = Entry {
-            blob,
-            len: u16::try_from(len).expect("payloads are at most a page"),
-            kind: page.kind,
+        let entry = Entry::new(self.alloc_blob(len)?, len, page.kind);
+        // SAFETY: the slot is a fresh run of at least `len` bytes in a frame
+        // only this store uses, so it overlaps neither `page.bytes` nor any
+        // other entry.
+        unsafe {
+            core::ptr::copy_nonoverlapping(page.bytes.as_ptr(), self.blob_ptr(&entry).as_ptr(), len)
         };
         self.account(&entry, true);
         let old = self.index.insert(key, entry);
@@ -446,10 +449,11 @@ impl<F: FrameSource> PageStore<F> {
             .index
             .remove(&key)
             .ok_or(StoreError::NotFound { key })?;
-        // SAFETY: the block was filled with `entry.len` bytes when the entry
+        // SAFETY: the slot was filled with `entry.len` bytes when the entry
         // was stored and stays untouched until it is freed below; `&mut self`
         // keeps everyone else out.
-        let blob = unsafe { core::slice::from_raw_parts(entry.blob.as_ptr(), entry.len()) };
+        let blob =
+            unsafe { core::slice::from_raw_parts(self.blob_ptr(&entry).as_ptr(), entry.len()) };
         let result = match entry.kind {
             EntryKind::Raw => {
                 out.copy_from_slice(blob);
@@ -501,7 +505,7 @@ impl<F: FrameSource> PageStore<F> {
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             entries: self.index.len() as u64,
-            frames_used: self.frames.len() as u64,
+            frames_used: self.slab.frames_held() as u64,
             ..self.stats
         }
     }
@@ -522,58 +526,42 @@ impl<F: FrameSource> PageStore<F> {
         }
     }
 
-    /// An arena block for `len` payload bytes, growing the arena by one
-    /// frame if needed and allowed. On error nothing has changed.
-    fn alloc_blob(&mut self, len: usize) -> Result<NonNull<u8>, StoreError> {
-        let layout = blob_layout(len);
-        if let Ok(blob) = self.arena.alloc(layout) {
-            return Ok(blob);
-        }
-        if self.frames.len() >= self.limit_frames {
-            self.stats.rejected_full += 1;
-            return Err(StoreError::Full {
-                frames_limit: self.limit_frames,
-            });
-        }
-        let Some(frame) = self.source.alloc_frame() else {
-            self.stats.rejected_no_frames += 1;
-            return Err(StoreError::NoFrames);
-        };
-        let start = frame.as_ptr() as usize;
-        debug_assert_eq!(start % PAGE_BYTES, 0, "frame source broke its contract");
-        self.frames.insert(start);
-        // SAFETY: the frame is `PAGE_BYTES` writable bytes that only this
-        // store uses until it gives it back (the `FrameSource` contract), so
-        // it overlaps nothing the arena already has.
-        unsafe { self.arena.add_to_heap(start, start + PAGE_BYTES) };
-        Ok(self
-            .arena
-            .alloc(layout)
-            .expect("an empty frame holds any block up to a page"))
+    /// Where an entry's payload is.
+    fn blob_ptr(&self, entry: &Entry) -> NonNull<u8> {
+        self.slab.ptr(entry.slot())
     }
 
-    /// Gives an entry's block back to the arena, then any frame that became
-    /// wholly free back to the source.
+    /// A slot for `len` payload bytes, in a new frame if no held one has
+    /// room and the limit allows. On error nothing has changed.
+    fn alloc_blob(&mut self, len: usize) -> Result<slab::Slot, StoreError> {
+        match self
+            .slab
+            .alloc(slab::units_for(len), &mut self.source, self.limit_frames)
+        {
+            Ok(slot) => Ok(slot),
+            Err(slab::AllocError::Full) => {
+                self.stats.rejected_full += 1;
+                Err(StoreError::Full {
+                    frames_limit: self.limit_frames,
+                })
+            }
+            Err(slab::AllocError::NoFrames) => {
+                self.stats.rejected_no_frames += 1;
+                Err(StoreError::NoFrames)
+            }
+        }
+    }
+
+    /// Frees an entry's slot; its frame goes back to the source if that was
+    /// the frame's last entry.
     fn free_blob(&mut self, entry: Entry) {
-        // SAFETY: the block was allocated by `alloc_blob` with the same
-        // layout and is freed once, as its entry has just left the index.
-        unsafe { self.arena.dealloc(entry.blob, blob_layout(entry.len())) };
-        self.release_free_frames();
-    }
-
-    /// Returns every wholly free frame to the source. The arena's largest
-    /// block is a frame and frames are added singly, so a frame-sized free
-    /// block is exactly a free frame; allocating it takes it off the free
-    /// lists for good (the arena's own byte counters drift by a frame each
-    /// time, which is why the store keeps its own).
-    fn release_free_frames(&mut self) {
-        while let Ok(frame) = self.arena.alloc(FRAME_LAYOUT) {
-            let held = self.frames.remove(&(frame.as_ptr() as usize));
-            debug_assert!(held, "the arena handed out a frame the store never added");
-            // SAFETY: the frame came from this source, no entry uses any of
-            // it (it was a free block) and the arena no longer lists it.
-            unsafe { self.source.free_frame(frame) };
-        }
+        // SAFETY: the slot was allocated by `alloc_blob` for the same length
+        // and is freed once, as its entry has just left the index (or was
+        // replaced in it) and nothing else refers to it.
+        unsafe {
+            self.slab
+                .free(entry.slot(), entry.units(), &mut self.source)
+        };
     }
 }
 
@@ -581,16 +569,13 @@ impl<F: FrameSource> Drop for PageStore<F> {
     /// Returns every frame, entries and all, to the source.
     fn drop(&mut self) {
         self.index.clear();
-        for &start in &self.frames {
-            let frame = NonNull::new(start as *mut u8).expect("frames are non-null");
-            // SAFETY: the frame came from this source and is held; with the
-            // index cleared nothing refers to it, and the arena, which still
-            // lists blocks in it, is never used again.
-            unsafe { self.source.free_frame(frame) };
-        }
-        self.frames.clear();
+        // SAFETY: every frame of the slab came from this source; with the
+        // index cleared no slot is used again.
+        unsafe { self.slab.release_all(&mut self.source) };
     }
 }
+
+mod slab;
 
 #[cfg(test)]
 mod tests;

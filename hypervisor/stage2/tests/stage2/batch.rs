@@ -23,6 +23,9 @@ fn map(s2: &S2<'_>, ipa: u64, pa: u64, size: u64, flags: MapFlags) -> Result<(),
     )
 }
 
+/// An IPA under the second level-0 entry (512 GiB).
+const OTHER_L0: u64 = 1 << 39;
+
 /// Runs `f` as CPU `cpu` of the test's RCU domain (this thread is CPU 0).
 fn as_cpu(cpu: usize, f: impl FnOnce()) {
     play_cpu(cpu);
@@ -176,8 +179,10 @@ fn checker_catches_a_map_of_a_pending_frame() {
     let mut release = |_, _| {};
     let mut batch = s2.batch(&mut release);
     s2.unmap_batched(Ipa(GIB1), KIB4, &mut batch).unwrap();
-    // The frame is still reachable through a stale TLB entry.
-    let _ = map(&s2, 2 * GIB1, 0x10_0000, KIB4, PAGES);
+    // The frame is still reachable through a stale TLB entry. (Under
+    // another level-0 entry: the emptied tables above GIB1 stay locked
+    // until the flush.)
+    let _ = map(&s2, OTHER_L0, 0x10_0000, KIB4, PAGES);
 }
 
 #[test]
@@ -191,9 +196,9 @@ fn checker_catches_a_fault_on_a_pending_frame() {
     let mut release = |_, _| {};
     let mut batch = s2.batch(&mut release);
     s2.unmap_batched(Ipa(GIB1), MIB2, &mut batch).unwrap();
-    // A page inside the pending 2 MiB frame.
+    // A page inside the pending 2 MiB frame, under another level-0 entry.
     let frame = PhysAddr(0x20_0000 + 7 * KIB4);
-    let _ = s2.fault_install(Ipa(2 * GIB1), frame, Perms::RW, MemType::Normal, true);
+    let _ = s2.fault_install(Ipa(OTHER_L0), frame, Perms::RW, MemType::Normal, true);
 }
 
 #[test]
@@ -287,5 +292,40 @@ fn checker_is_silent_on_the_right_order() {
             (0x10_1000, KIB4),
             (0x10_0000, KIB4)
         ]
+    );
+}
+
+/// Break-before-make across a batch: until the flush, an unmapped leaf is
+/// locked, so a fault cannot install a new frame at its IPA while TLBs may
+/// still translate it to the old one (found by the hostile guest suite).
+#[test]
+fn an_unmapped_leaf_cannot_be_refilled_before_the_flush() {
+    let alloc = HostAlloc::new();
+    let tlb = RecordingTlb::new(&alloc, false);
+    let s2 = new_s2(&alloc, &tlb);
+    let ipa = 0x4000_0000;
+    map(&s2, ipa, 0x10_0000, 2 * KIB4, PAGES).unwrap();
+    let mut release = |_, _| {};
+    let mut batch = s2.batch(&mut release);
+    s2.unmap_leaves_batched(Ipa(ipa), 2 * KIB4, &mut batch)
+        .unwrap();
+    assert_eq!(s2.translate(Ipa(ipa)), None);
+    assert_eq!(s2.leaf_view(Ipa(ipa)), Some(stage2::DescView::Locked));
+    let refill = |s2: &S2<'_>| {
+        s2.fault_install(
+            Ipa(ipa),
+            PhysAddr(0x30_0000),
+            Perms::RW,
+            MemType::Normal,
+            true,
+        )
+    };
+    assert_eq!(refill(&s2), Ok(stage2::FaultOutcome::Retry));
+    batch.flush();
+    assert_eq!(s2.leaf_view(Ipa(ipa)), Some(stage2::DescView::Invalid));
+    assert_eq!(refill(&s2), Ok(stage2::FaultOutcome::Installed));
+    assert_eq!(
+        s2.translate(Ipa(ipa)).map(|t| t.pa),
+        Some(PhysAddr(0x30_0000))
     );
 }

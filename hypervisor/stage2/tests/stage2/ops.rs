@@ -187,7 +187,8 @@ fn partial_unmap_splits_block_with_bbm() {
     assert_eq!(s2.translate(Ipa(0x400f_f000)), rw(3, 0x800f_f000));
     assert_eq!(s2.translate(Ipa(0x4010_1000)), rw(3, 0x8010_1000));
     // The block was broken (locked) before the TLBI and the table made
-    // after it; then the page was made invalid before the batch's TLBI.
+    // after it; then the page was locked before the batch's TLBI, and
+    // made invalid only after it.
     let events = tlb.take();
     assert_eq!(
         events,
@@ -203,9 +204,11 @@ fn partial_unmap_splits_block_with_bbm() {
             TlbEvent::Ipa {
                 ipa: hole,
                 level: 3,
-                entry: Some(0)
+                entry: Some(LOCKED)
             },
-            TlbEvent::Vmid { entry: Some(0) },
+            TlbEvent::Vmid {
+                entry: Some(LOCKED)
+            },
         ]
     );
     assert_eq!(alloc.read_entry(s2.root(), hole, 3), Some(0));
