@@ -275,9 +275,9 @@ pub fn run(system: &System) -> ! {
         plan.len(),
         pageable::refaults()
     );
-    // No final reset: the VM ends here, and dropping every stored page one
-    // call at a time costs minutes on a large arena (the store's frees
-    // are linear in its free-list length; see docs/PERFORMANCE.md).
+    if let Err(e) = pageable::reset() {
+        log::warn!("reclaim: final reset: {e}");
+    }
     power::exit(if failed == 0 && mismatches == 0 {
         ExitCode::Success
     } else {

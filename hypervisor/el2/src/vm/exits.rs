@@ -12,7 +12,7 @@
 
 use super::mmio::{ConsoleLine, FaultStatus, DABT_ISS};
 use super::{
-    guest_noise, smccc, spsr_el1h_masked, BackingError, VcpuEnd, Vm, EXIT_VM_ABORT_LOOP,
+    guest_noise, smccc, spsr_el1h_masked, BackingError, Noise, VcpuEnd, Vm, EXIT_VM_ABORT_LOOP,
     EXIT_VM_ERROR, EXIT_VM_OOM,
 };
 use crate::exceptions::{ExitKind, GuestContext, Syndrome};
@@ -60,7 +60,7 @@ pub(super) fn handle(vm: &Vm, index: usize, ctx: &mut GuestContext, kind: ExitKi
         Some(ESR_EL2::EC::Value::HVC64) => smccc::handle_hvc(vm, index, ctx),
         Some(ESR_EL2::EC::Value::SMC64) => {
             // A trapped SMC: ELR points at the instruction itself.
-            if guest_noise() {
+            if guest_noise(Noise::Call) {
                 warn!(
                     "vm0/vcpu{index}: SMC {:#x} at {:#x}: answered NOT_SUPPORTED",
                     ctx.x[0] as u32, ctx.elr
@@ -84,7 +84,7 @@ pub(super) fn handle(vm: &Vm, index: usize, ctx: &mut GuestContext, kind: ExitKi
             // A trapped instruction or register access the hypervisor does
             // not emulate: architecturally UNDEFINED for the guest.
             vm.stats.injected_undefs.fetch_add(1, Ordering::Relaxed);
-            if guest_noise() {
+            if guest_noise(Noise::Fault) {
                 warn!(
                     "vm0/vcpu{index}: trapped {} at pc={:#x}: injecting an undefined-instruction exception",
                     Syndrome(esr_raw),
@@ -171,7 +171,7 @@ fn guest_abort(vm: &Vm, index: usize, ctx: &mut GuestContext, iss: u64, instr: b
             } else {
                 "data access"
             };
-            if guest_noise() {
+            if guest_noise(Noise::Fault) {
                 warn!(
                     "vm0/vcpu{index}: {what} at IPA {ipa} ({status:?}) pc={:#x} is outside RAM and devices: injecting a synchronous external abort",
                     ctx.elr
@@ -247,7 +247,7 @@ fn emulate_uart(
     ipa: Ipa,
 ) {
     if !iss.is_set(DABT_ISS::ISV) {
-        if guest_noise() {
+        if guest_noise(Noise::Fault) {
             warn!("vm0/vcpu{index}: UART access at {ipa} without a valid syndrome (pc={:#x}): injecting an abort", ctx.elr);
         }
         vm.stats.injected_aborts.fetch_add(1, Ordering::Relaxed);

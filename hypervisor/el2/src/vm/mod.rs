@@ -49,17 +49,32 @@ pub const EXIT_VM_ABORT_LOOP: u8 = 105;
 /// QEMU exit status when the invariant checker found a violation.
 pub const EXIT_INVARIANT_VIOLATION: u8 = 106;
 
-/// Guest-caused warning lines (rejected calls, injected aborts, ...)
-/// printed in full; later ones are only counted in the statistics, so a
-/// guest cannot flood the console (every byte is a trapped UART write).
-const GUEST_NOISE_LINES: u64 = 512;
-static GUEST_NOISE: AtomicU64 = AtomicU64::new(0);
+/// Guest-caused warning lines printed in full per kind; later ones are
+/// only counted in the statistics, so a guest cannot flood the console
+/// (every byte is a trapped UART write).
+const GUEST_NOISE_LINES: u64 = 256;
 
-/// Whether one more guest-caused warning may be printed.
-pub(crate) fn guest_noise() -> bool {
-    let n = GUEST_NOISE.fetch_add(1, Ordering::Relaxed);
+/// Kinds of guest-caused warnings, each with its own budget (so a storm
+/// of faults does not hide the rejected calls, or the reverse).
+#[derive(Copy, Clone, Debug)]
+pub(crate) enum Noise {
+    /// Rejected or unknown hypercalls, SMCs, PSCI misuse.
+    Call = 0,
+    /// Injected aborts and undefined-instruction exceptions.
+    Fault = 1,
+}
+
+static GUEST_NOISE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Whether one more guest-caused warning of `kind` may be printed.
+pub(crate) fn guest_noise(kind: Noise) -> bool {
+    let n = GUEST_NOISE[kind as usize].fetch_add(1, Ordering::Relaxed);
     if n == GUEST_NOISE_LINES {
-        warn!("vm0: {GUEST_NOISE_LINES} guest-caused warnings printed: further ones are only counted (rejected_calls=, injected_aborts=, injected_undefs= in the statistics)");
+        let counters = match kind {
+            Noise::Call => "rejected_calls=",
+            Noise::Fault => "injected_aborts=, injected_undefs=",
+        };
+        warn!("vm0: {GUEST_NOISE_LINES} guest-caused {kind:?} warnings printed: further ones are only counted ({counters} in the statistics)");
     }
     n < GUEST_NOISE_LINES
 }

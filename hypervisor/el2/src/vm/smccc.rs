@@ -107,7 +107,7 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
                 vm.finish(index, code)
             }
             Err(_) => {
-                if super::guest_noise() {
+                if super::guest_noise(super::Noise::Call) {
                     warn!(
                         "vm0/vcpu{index}: EXIT({:#x}): code out of range 0..=255",
                         args[0]
@@ -117,7 +117,7 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
             }
         },
         _ => {
-            if super::guest_noise() {
+            if super::guest_noise(super::Noise::Call) {
                 warn!("vm0/vcpu{index}: unknown hypercall {fid:#010x}: NOT_SUPPORTED");
             }
             set(&[error::NOT_SUPPORTED as u64]);
@@ -138,13 +138,13 @@ fn find_vcpu(vm: &Vm, mpidr: u64) -> Option<usize> {
 /// PSCI CPU_ON(target, entry, context_id).
 fn cpu_on(vm: &Vm, index: usize, [target, entry, context_id]: [u64; 3]) -> u64 {
     let Some(t) = find_vcpu(vm, target) else {
-        if super::guest_noise() {
+        if super::guest_noise(super::Noise::Call) {
             warn!("vm0/vcpu{index}: CPU_ON for unknown MPIDR {target:#x}");
         }
         return psci_code(psci_err::INVALID_PARAMETERS);
     };
     if !vm.in_ram(hyp_core::addr::Ipa(entry)) || entry % 4 != 0 {
-        if super::guest_noise() {
+        if super::guest_noise(super::Noise::Call) {
             warn!("vm0/vcpu{index}: CPU_ON vcpu{t} with entry {entry:#x} outside RAM or unaligned");
         }
         return psci_code(psci_err::INVALID_ADDRESS);

@@ -196,7 +196,7 @@ pub(super) fn handle(vm: &Vm, index: usize, call: Call, args: [u64; 4]) -> Answe
     };
     result.unwrap_or_else(|e| {
         vm.vendor.rejected.fetch_add(1, Ordering::Relaxed);
-        if super::guest_noise() {
+        if super::guest_noise(super::Noise::Call) {
             let shown = &args[..call.arity()];
             warn!(
                 "vm0/vcpu{index}: {}({}) rejected: {e}",
