@@ -11,7 +11,7 @@
 //! | `guest_mem=SIZE` | guest RAM size (`K`/`M`/`G` suffixes, hex ok) | `256M` |
 //! | `guest_cpus=N` | vCPUs (0 = one per physical CPU) | `0` |
 //! | `af=auto\|hw\|sw` | stage-2 Access Flag: hardware if present, forced hardware, forced software | `auto` |
-//! | `fault=el2\|panic` | test only: trigger an EL2 data abort or a panic after boot | none |
+//! | `fault=el2\|panic\|s2alias` | test only: trigger an EL2 data abort or a panic after boot, or map one guest frame at two IPAs (for the invariant checker) | none |
 //! | `aging_cpu=N` | physical CPU that runs the background aging worker instead of a vCPU (range-checked against the CPU count at boot) | none (no worker) |
 //! | `store=SIZE` | most host memory the compressed page store may use (`K`/`M`/`G`, a multiple of 4K; 0 = no store) | `64M` |
 //! | `migrate=N` | migration stress: guest pages the aging worker moves to new frames per pass, `0..=4096` (0 = off) | `0` |
@@ -32,6 +32,9 @@ pub enum FaultInjection {
     El2DataAbort,
     /// A Rust panic.
     Panic,
+    /// Stage 2 maps one guest frame at a second IPA (a double mapping the
+    /// invariant checker must report: exit status 106).
+    S2Alias,
 }
 
 /// Who maintains the stage-2 Access Flag.
@@ -232,10 +235,11 @@ impl BootConfig {
                 "fault" => match value {
                     "el2" => Some(FaultInjection::El2DataAbort),
                     "panic" => Some(FaultInjection::Panic),
+                    "s2alias" => Some(FaultInjection::S2Alias),
                     _ => None,
                 }
                 .map(|f| cfg.fault = Some(f))
-                .ok_or_else(|| bad("el2|panic")),
+                .ok_or_else(|| bad("el2|panic|s2alias")),
                 "aging_cpu" => parse_u64(value)
                     .and_then(|n| u32::try_from(n).ok())
                     .map(|n| cfg.aging_cpu = Some(n))

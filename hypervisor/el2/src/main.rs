@@ -86,7 +86,8 @@ pub extern "C" fn primary_main(dtb_arg: u64) -> ! {
         Some(FaultInjection::Panic) => {
             panic!("fault injection requested by bootargs (fault=panic)")
         }
-        None => {}
+        // Done by the VM once stage 2 exists.
+        Some(FaultInjection::S2Alias) | None => {}
     }
 
     vm::run_primary(&platform, &config, &features)

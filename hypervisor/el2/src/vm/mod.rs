@@ -429,6 +429,9 @@ impl Vm {
             image.start.as_u64() as *const u8,
             image.size,
         )?;
+        if config.fault == Some(hyp_core::bootargs::FaultInjection::S2Alias) {
+            vm.inject_alias()?;
+        }
         info!(
             "vm0: {} vCPUs, RAM {:#x}+{:#x}, image {} bytes from {}, AF {:?}, IPA {} bits",
             vm.vcpus.len(),
@@ -457,6 +460,20 @@ impl Vm {
             off += PAGE_SIZE;
         }
         Ok(())
+    }
+
+    /// Test only (`fault=s2alias`): maps the frame of the image's first
+    /// page a second time, at the last page of guest RAM — the kind of
+    /// double mapping the invariant checker must report.
+    fn inject_alias(&self) -> Result<(), VmError> {
+        let frame = self
+            .stage2
+            .translate(Ipa(layout::IMAGE_IPA))
+            .ok_or_else(|| stage2_err("the image is not mapped"))?
+            .pa;
+        let alias = Ipa(layout::RAM_BASE + self.ram_size - PAGE_SIZE);
+        warn!("vm0: fault injection (fault=s2alias): frame {frame} mapped at {alias} too");
+        self.map_ram_page(alias, frame)
     }
 
     fn map_ram_page(&self, ipa: Ipa, pa: PhysAddr) -> Result<(), VmError> {
