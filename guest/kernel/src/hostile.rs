@@ -272,28 +272,14 @@ const TESTS: &[(&str, TestFn)] = &[
 /// ends the machine with [`ExitCode::TestsFailed`].
 pub fn run(system: &System) -> ! {
     log::info!("hostile: running {} tests", TESTS.len());
-    let (mut passed, mut failed) = (0usize, 0usize);
-    match set_up(system) {
-        Ok(()) => {
-            for (name, test) in TESTS {
-                // Whatever the test did, the hypervisor must still answer.
-                match test(system).and_then(|()| alive()) {
-                    Ok(()) => {
-                        passed += 1;
-                        log::info!("test {name} ... ok");
-                    }
-                    Err(failure) => {
-                        failed += 1;
-                        log::info!("test {name} ... FAILED: {failure}");
-                    }
-                }
-            }
-        }
+    let (passed, failed) = match set_up(system) {
+        // Whatever a test did, the hypervisor must still answer.
+        Ok(()) => crate::selftest::run_tests(system, TESTS, alive),
         Err(failure) => {
-            failed += 1;
             log::info!("test set_up ... FAILED: {failure}");
+            (0, 1)
         }
-    }
+    };
     log::info!("hostile: {passed} passed, {failed} failed");
     if failed > 0 {
         power::exit(ExitCode::TestsFailed);

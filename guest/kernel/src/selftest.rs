@@ -224,12 +224,20 @@ pub(crate) fn hvc64_x0(function: u32, args: &[u64]) -> i64 {
     smccc_client::call64(function, args)[0] as i64
 }
 
-/// Runs the suite and ends the machine with its verdict.
-pub fn run(system: &System) -> ! {
-    log::info!("running {} tests", TESTS.len());
+/// A test and its name; `E` says why it failed.
+pub(crate) type NamedTest<E> = (&'static str, fn(&System) -> Result<(), E>);
+
+/// Runs `tests` in order, one `test NAME ... ok` or `... FAILED: why`
+/// line each; `after` runs after every test and its failure fails the
+/// test. Returns (passed, failed).
+pub(crate) fn run_tests<E: fmt::Display>(
+    system: &System,
+    tests: &[NamedTest<E>],
+    after: impl Fn() -> Result<(), E>,
+) -> (usize, usize) {
     let (mut passed, mut failed) = (0usize, 0usize);
-    for (name, test) in TESTS {
-        match test(system) {
+    for (name, test) in tests {
+        match test(system).and_then(|()| after()) {
             Ok(()) => {
                 passed += 1;
                 log::info!("test {name} ... ok");
@@ -240,6 +248,13 @@ pub fn run(system: &System) -> ! {
             }
         }
     }
+    (passed, failed)
+}
+
+/// Runs the suite and ends the machine with its verdict.
+pub fn run(system: &System) -> ! {
+    log::info!("running {} tests", TESTS.len());
+    let (passed, failed) = run_tests(system, TESTS, || Ok(()));
     log::info!("{passed} passed, {failed} failed");
     power::exit(if failed == 0 {
         ExitCode::Success
