@@ -185,6 +185,7 @@ impl Harness<'_> {
         let (kind, len) = shape(page, &mut self.scratch);
         let before = self.store.stats();
         let got = self.store.put(key, page);
+        show(&got);
         match got {
             Ok(info) => {
                 let want = PutInfo {
@@ -218,6 +219,7 @@ impl Harness<'_> {
     fn take(&mut self, key: u64) {
         let mut out = [0x3c; PAGE_BYTES];
         let got = self.store.take(key, &mut out);
+        show(&got);
         let want = if crate::PLANTED {
             // Planted bug: the model forgets that a take removes the entry.
             self.model.get(&key).map(|e| e.0)
@@ -241,6 +243,7 @@ impl Harness<'_> {
 
     fn remove(&mut self, key: u64) {
         let got = self.store.remove(key);
+        show(&got);
         let want = match self.model.remove(&key) {
             Some(_) => Ok(()),
             None => Err(StoreError::NotFound { key }),
@@ -251,6 +254,13 @@ impl Harness<'_> {
         if got.is_ok() {
             self.counts.2 += 1;
         }
+    }
+}
+
+/// An error must print.
+fn show<T>(r: &std::result::Result<T, StoreError>) {
+    if let Err(e) = r {
+        assert!(!e.to_string().is_empty(), "{e:?} prints nothing");
     }
 }
 
@@ -311,7 +321,9 @@ fn ops(u: &mut Unstructured<'_>, h: &mut Harness<'_>) -> Result<()> {
 /// Runs one input.
 pub fn run(data: &[u8]) {
     let mut u = Unstructured::new(data);
-    let Ok(limit) = u.int_in_range(0usize..=12) else {
+    let Ok((limit, keep)) =
+        (|| -> Result<_> { Ok((u.int_in_range(0usize..=12)?, u.ratio(1, 4)?)) })()
+    else {
         return;
     };
     if u.ratio(1, 8).unwrap_or(false) {
@@ -329,6 +341,12 @@ pub fn run(data: &[u8]) {
         history: vec![format!("limit {limit} frames")],
     };
     let _ = ops(&mut u, &mut h);
+    if keep {
+        // Dropped with its entries: every frame goes back all the same.
+        drop(h);
+        assert!(frames.live.borrow().is_empty(), "frames not returned");
+        return;
+    }
     // Everything comes back, and then no frame is held.
     frames.dry.set(false);
     let keys: Vec<u64> = h.model.keys().copied().collect();
