@@ -306,6 +306,10 @@ pub fn frame_counts() -> (u64, u64) {
 pub struct FrameSnapshot {
     /// Frames managed.
     pub total: u64,
+    /// Address of the first tagged frame (the lowest RAM address).
+    pub base: PhysAddr,
+    /// Frames tagged, from `base` (managed or reserved).
+    pub tagged_frames: u64,
     /// Free frames as the buddy allocator counts them.
     pub allocator_free: u64,
     /// Frames by owner as the tags say (indexed by `Owner as usize`).
@@ -331,6 +335,8 @@ pub fn frame_snapshot() -> FrameSnapshot {
     }
     FrameSnapshot {
         total: f.alloc.total(),
+        base: PhysAddr(f.base),
+        tagged_frames: f.tags.len() as u64,
         allocator_free: f.alloc.free_count(),
         tagged,
         counted,
@@ -344,15 +350,6 @@ pub fn owner_of(pa: PhysAddr) -> Owner {
     let f = frames().lock();
     f.tag_index(pa)
         .map_or(Owner::Reserved, |i| Owner::from_u8(f.tags[i]))
-}
-
-/// Calls `each(frame, owner)` for every managed frame, under the lock
-/// (the checker's pass over all tags; `each` must not allocate frames).
-pub fn for_each_frame(mut each: impl FnMut(PhysAddr, Owner)) {
-    let f = frames().lock();
-    for (i, &t) in f.tags.iter().enumerate() {
-        each(PhysAddr(f.base + i as u64 * PAGE_SIZE), Owner::from_u8(t));
-    }
 }
 
 // MAIR_EL2 attribute indices.

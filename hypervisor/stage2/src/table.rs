@@ -772,13 +772,11 @@ impl<'r, M: TableAlloc, T: TlbInvalidate> Stage2<'r, M, T> {
             return Ok(false);
         }
         let locked = self.lock_entry(entry, old, ipa, level)?;
-        for e in entries {
+        for (i, e) in entries.iter().enumerate() {
             if e.compare_exchange(invalid, LOCKED).is_err() && !ours(e) {
-                // In use after all: undo our seals (ours stay locked).
-                for s in entries.iter().take_while(|s| !core::ptr::eq(*s, e)) {
-                    if !ours(s) {
-                        s.store(invalid);
-                    }
+                // In use after all: undo our seals (the batch's locks stay).
+                for s in entries[..i].iter().filter(|s| !ours(s)) {
+                    s.store(invalid);
                 }
                 entry.store(locked);
                 return Ok(false);

@@ -10,10 +10,11 @@
 //! that keeps faulting at the same place without progress
 //! ([`EXIT_VM_ABORT_LOOP`]).
 
+use super::guest_warn;
 use super::mmio::{ConsoleLine, FaultStatus, DABT_ISS};
 use super::{
-    guest_noise, smccc, spsr_el1h_masked, BackingError, Noise, VcpuEnd, Vm, EXIT_VM_ABORT_LOOP,
-    EXIT_VM_ERROR, EXIT_VM_OOM,
+    smccc, spsr_el1h_masked, BackingError, VcpuEnd, Vm, EXIT_VM_ABORT_LOOP, EXIT_VM_ERROR,
+    EXIT_VM_OOM,
 };
 use crate::exceptions::{ExitKind, GuestContext, Syndrome};
 use aarch64_cpu::registers::{
@@ -60,12 +61,12 @@ pub(super) fn handle(vm: &Vm, index: usize, ctx: &mut GuestContext, kind: ExitKi
         Some(ESR_EL2::EC::Value::HVC64) => smccc::handle_hvc(vm, index, ctx),
         Some(ESR_EL2::EC::Value::SMC64) => {
             // A trapped SMC: ELR points at the instruction itself.
-            if guest_noise(Noise::Call) {
-                warn!(
-                    "vm0/vcpu{index}: SMC {:#x} at {:#x}: answered NOT_SUPPORTED",
-                    ctx.x[0] as u32, ctx.elr
-                );
-            }
+            guest_warn!(
+                Call,
+                "vm0/vcpu{index}: SMC {:#x} at {:#x}: answered NOT_SUPPORTED",
+                ctx.x[0] as u32,
+                ctx.elr
+            );
             ctx.x[0] = hyp_abi::error::NOT_SUPPORTED as u64;
             ctx.skip_instruction();
             Next::Resume
@@ -84,13 +85,12 @@ pub(super) fn handle(vm: &Vm, index: usize, ctx: &mut GuestContext, kind: ExitKi
             // A trapped instruction or register access the hypervisor does
             // not emulate: architecturally UNDEFINED for the guest.
             vm.stats.injected_undefs.fetch_add(1, Ordering::Relaxed);
-            if guest_noise(Noise::Fault) {
-                warn!(
-                    "vm0/vcpu{index}: trapped {} at pc={:#x}: injecting an undefined-instruction exception",
-                    Syndrome(esr_raw),
-                    ctx.elr
-                );
-            }
+            guest_warn!(
+                Fault,
+                "vm0/vcpu{index}: trapped {} at pc={:#x}: injecting an undefined-instruction exception",
+                Syndrome(esr_raw),
+                ctx.elr
+            );
             inject_undefined(ctx);
             Next::Resume
         }
@@ -109,8 +109,9 @@ fn stop_vm(vm: &Vm, index: usize, ctx: &GuestContext, why: core::fmt::Arguments<
 /// milliseconds.
 pub(super) const ABORT_LOOP_LIMIT: u64 = 10_000;
 
-/// [`stop_vm`] with exit status `code`. The statistics and the invariant
-/// check come first, so the report shows the hypervisor's state.
+/// [`stop_vm`] with exit status `code` (see [`Vm::end`]). The statistics
+/// and the invariant check come first, so the report shows the
+/// hypervisor's state.
 fn stop_vm_with(
     vm: &Vm,
     index: usize,
@@ -118,19 +119,15 @@ fn stop_vm_with(
     code: u8,
     why: core::fmt::Arguments<'_>,
 ) -> ! {
-    let violations = vm.stop_checks(index);
-    crate::power::fatal(
-        if violations > 0 {
-            super::EXIT_INVARIANT_VIOLATION
-        } else {
-            code
-        },
-        format_args!(
+    vm.end(
+        index,
+        code,
+        Some(format_args!(
             "hyp: vm0/vcpu{index}: {why} at pc={:#x} spsr={:#x} far={:#x}: stopping the VM",
             ctx.elr,
             ctx.spsr,
             FAR_EL2.get()
-        ),
+        )),
     )
 }
 
@@ -171,12 +168,11 @@ fn guest_abort(vm: &Vm, index: usize, ctx: &mut GuestContext, iss: u64, instr: b
             } else {
                 "data access"
             };
-            if guest_noise(Noise::Fault) {
-                warn!(
-                    "vm0/vcpu{index}: {what} at IPA {ipa} ({status:?}) pc={:#x} is outside RAM and devices: injecting a synchronous external abort",
-                    ctx.elr
-                );
-            }
+            guest_warn!(
+                Fault,
+                "vm0/vcpu{index}: {what} at IPA {ipa} ({status:?}) pc={:#x} is outside RAM and devices: injecting a synchronous external abort",
+                ctx.elr
+            );
             vm.stats.injected_aborts.fetch_add(1, Ordering::Relaxed);
             let far = FAR_EL2.get();
             let streak = vm.vcpus[index].abort_streak.note(ctx.elr, far);
@@ -247,9 +243,7 @@ fn emulate_uart(
     ipa: Ipa,
 ) {
     if !iss.is_set(DABT_ISS::ISV) {
-        if guest_noise(Noise::Fault) {
-            warn!("vm0/vcpu{index}: UART access at {ipa} without a valid syndrome (pc={:#x}): injecting an abort", ctx.elr);
-        }
+        guest_warn!(Fault, "vm0/vcpu{index}: UART access at {ipa} without a valid syndrome (pc={:#x}): injecting an abort", ctx.elr);
         vm.stats.injected_aborts.fetch_add(1, Ordering::Relaxed);
         inject_external_abort(ctx, false, FAR_EL2.get());
         return;

@@ -158,16 +158,10 @@ pub(super) fn check(vm: &Vm, when: &str) -> u64 {
     }
 
     let snap = memory::frame_snapshot();
-    let mut base = u64::MAX;
-    let mut frames = 0u64;
-    memory::for_each_frame(|pa, _| {
-        base = base.min(pa.as_u64());
-        frames += 1;
-    });
     let mut walk = LeafCheck {
         vm,
-        base,
-        seen: vec![0u64; frames.div_ceil(64) as usize],
+        base: snap.base.as_u64(),
+        seen: vec![0u64; snap.tagged_frames.div_ceil(64) as usize],
         report: &mut report,
         leaf_frames: 0,
         tables: 1,

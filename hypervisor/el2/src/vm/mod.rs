@@ -66,6 +66,17 @@ pub(crate) enum Noise {
 
 static GUEST_NOISE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
+/// `warn!` for a guest-caused warning of kind `Noise::$kind`, within that
+/// kind's budget ([`guest_noise`]).
+macro_rules! guest_warn {
+    ($kind:ident, $($arg:tt)+) => {
+        if $crate::vm::guest_noise($crate::vm::Noise::$kind) {
+            log::warn!($($arg)+);
+        }
+    };
+}
+pub(crate) use guest_warn;
+
 /// Whether one more guest-caused warning of `kind` may be printed.
 pub(crate) fn guest_noise(kind: Noise) -> bool {
     let n = GUEST_NOISE[kind as usize].fetch_add(1, Ordering::Relaxed);
@@ -545,18 +556,24 @@ impl Vm {
         }
     }
 
-    /// Ends the VM and the machine with the guest's exit `code` (EXIT,
-    /// SYSTEM_OFF), or [`EXIT_INVARIANT_VIOLATION`] if the final check
-    /// failed.
-    fn finish(&self, index: usize, code: u8) -> ! {
+    /// Ends the VM and the machine after [`Vm::stop_checks`]: with exit
+    /// status `code` and, for a VM error, its `report` line; or with
+    /// [`EXIT_INVARIANT_VIOLATION`] if the final check failed.
+    fn end(&self, index: usize, code: u8, report: Option<fmt::Arguments<'_>>) -> ! {
         let violations = self.stop_checks(index);
-        if violations > 0 {
-            power::fatal(
-                EXIT_INVARIANT_VIOLATION,
+        let code = if violations > 0 {
+            EXIT_INVARIANT_VIOLATION
+        } else {
+            code
+        };
+        match report {
+            Some(report) => power::fatal(code, report),
+            None if violations > 0 => power::fatal(
+                code,
                 format_args!("hyp: vm0: {violations} invariant violations: failing the run"),
-            )
+            ),
+            None => power::exit_qemu(code),
         }
-        power::exit_qemu(code)
     }
 
     /// `invariants=exit`: a full check after vCPU `index`'s exit; a

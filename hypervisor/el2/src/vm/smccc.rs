@@ -3,12 +3,13 @@
 //! checked; a bad call gets an SMCCC/PSCI error code and a log line.
 
 use super::exits::Next;
+use super::guest_warn;
 use super::vendor;
 use super::{PowerState, VcpuEnd, Vm};
 use crate::exceptions::GuestContext;
 use core::sync::atomic::Ordering;
 use hyp_abi::{error, feature, func, psci as psci_ids, HYP_UID, REVISION};
-use log::{info, warn};
+use log::info;
 use smccc::arch::{SMCCC_ARCH_FEATURES, SMCCC_VERSION};
 use smccc::psci::error as psci_err;
 
@@ -85,11 +86,11 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
         }
         psci_ids::PSCI_SYSTEM_OFF => {
             info!("vm0/vcpu{index}: PSCI SYSTEM_OFF");
-            vm.finish(index, 0)
+            vm.end(index, 0, None)
         }
         psci_ids::PSCI_SYSTEM_RESET => {
             info!("vm0/vcpu{index}: PSCI SYSTEM_RESET: VM reset is not supported, powering off");
-            vm.finish(index, 0)
+            vm.end(index, 0, None)
         }
         func::CALL_UID => set(&HYP_UID.map(u64::from)),
         func::REVISION => set(&[u64::from(REVISION.0), u64::from(REVISION.1)]),
@@ -104,22 +105,22 @@ pub(super) fn handle_hvc(vm: &Vm, index: usize, ctx: &mut GuestContext) -> Next 
         func::EXIT => match u8::try_from(args[0]) {
             Ok(code) => {
                 info!("vm0/vcpu{index}: EXIT({code})");
-                vm.finish(index, code)
+                vm.end(index, code, None)
             }
             Err(_) => {
-                if super::guest_noise(super::Noise::Call) {
-                    warn!(
-                        "vm0/vcpu{index}: EXIT({:#x}): code out of range 0..=255",
-                        args[0]
-                    );
-                }
+                guest_warn!(
+                    Call,
+                    "vm0/vcpu{index}: EXIT({:#x}): code out of range 0..=255",
+                    args[0]
+                );
                 set(&[error::INVALID_PARAMETER as u64]);
             }
         },
         _ => {
-            if super::guest_noise(super::Noise::Call) {
-                warn!("vm0/vcpu{index}: unknown hypercall {fid:#010x}: NOT_SUPPORTED");
-            }
+            guest_warn!(
+                Call,
+                "vm0/vcpu{index}: unknown hypercall {fid:#010x}: NOT_SUPPORTED"
+            );
             set(&[error::NOT_SUPPORTED as u64]);
         }
     }
@@ -138,15 +139,17 @@ fn find_vcpu(vm: &Vm, mpidr: u64) -> Option<usize> {
 /// PSCI CPU_ON(target, entry, context_id).
 fn cpu_on(vm: &Vm, index: usize, [target, entry, context_id]: [u64; 3]) -> u64 {
     let Some(t) = find_vcpu(vm, target) else {
-        if super::guest_noise(super::Noise::Call) {
-            warn!("vm0/vcpu{index}: CPU_ON for unknown MPIDR {target:#x}");
-        }
+        guest_warn!(
+            Call,
+            "vm0/vcpu{index}: CPU_ON for unknown MPIDR {target:#x}"
+        );
         return psci_code(psci_err::INVALID_PARAMETERS);
     };
     if !vm.in_ram(hyp_core::addr::Ipa(entry)) || entry % 4 != 0 {
-        if super::guest_noise(super::Noise::Call) {
-            warn!("vm0/vcpu{index}: CPU_ON vcpu{t} with entry {entry:#x} outside RAM or unaligned");
-        }
+        guest_warn!(
+            Call,
+            "vm0/vcpu{index}: CPU_ON vcpu{t} with entry {entry:#x} outside RAM or unaligned"
+        );
         return psci_code(psci_err::INVALID_ADDRESS);
     }
     let vcpu = &vm.vcpus[t];

@@ -7,6 +7,7 @@
 //! code and one log line naming the call, its arguments and the reason.
 //! Work per call is bounded by `hyp_abi::limits`.
 
+use super::guest_warn;
 use alloc::vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,6 @@ use hyp_abi::{age_flags, error, limits, stats_group};
 use hyp_core::addr::{Ipa, PhysAddr, PhysFrame, PAGE_SIZE};
 use hyp_core::hypercall::{self, ArgError, GuestRam};
 use hyp_store::{PageStore, StoreError, PAGE_BYTES};
-use log::warn;
 use stage2::{HarvestFlags, MapError};
 
 use super::guest_mem::{self, AccessError};
@@ -196,14 +196,12 @@ pub(super) fn handle(vm: &Vm, index: usize, call: Call, args: [u64; 4]) -> Answe
     };
     result.unwrap_or_else(|e| {
         vm.vendor.rejected.fetch_add(1, Ordering::Relaxed);
-        if super::guest_noise(super::Noise::Call) {
-            let shown = &args[..call.arity()];
-            warn!(
-                "vm0/vcpu{index}: {}({}) rejected: {e}",
-                call.name(),
-                HexArgs(shown)
-            );
-        }
+        guest_warn!(
+            Call,
+            "vm0/vcpu{index}: {}({}) rejected: {e}",
+            call.name(),
+            HexArgs(&args[..call.arity()])
+        );
         [e.code() as u64, 0, 0, 0]
     })
 }
